@@ -1,1 +1,154 @@
+//! lsmtpd: an SMTP ingest daemon that stores every accepted message durably in a sled spool
+//! before it answers `250`, and relays it to an AMQP broker with publisher confirms.
+//!
+//! Data flows one way: `smtp` (listener, sessions) → `spool` (the only owner of message state) →
+//! `forward` (AMQP). See DESIGN.md in the team folder and the README.
+//!
+//! [`Daemon::start`] builds everything from a [`config::Config`] and a cancellation token and
+//! returns once the listeners are bound; [`Daemon::join`] runs the graceful shutdown.
 
+pub mod config;
+pub mod forward;
+pub mod metrics;
+pub mod smtp;
+pub mod spool;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::forward::{Forwarder, ForwarderHandle};
+use crate::metrics::Metrics;
+use crate::smtp::listener::Listener;
+use crate::smtp::session::SessionContext;
+use crate::spool::Spool;
+
+/// A running daemon.
+pub struct Daemon {
+    smtp_addrs: Vec<SocketAddr>,
+    spool: Spool,
+    metrics: Arc<Metrics>,
+    forwarder: ForwarderHandle,
+    listeners: TaskTracker,
+    sessions: TaskTracker,
+}
+
+impl Daemon {
+    /// Opens the spool, binds the listeners and starts the forwarder. Returns once every listener
+    /// is bound, so a caller (a test, systemd's notify) knows the daemon is ready.
+    pub async fn start(config: Config, token: CancellationToken) -> anyhow::Result<Daemon> {
+        let spool_cfg = config.spool.clone();
+        let spool = tokio::task::spawn_blocking(move || Spool::open(&spool_cfg))
+            .await
+            .context("spool open task failed")?
+            .with_context(|| format!("cannot open the spool in {}", config.spool.dir.display()))?;
+        let stats = spool.stats();
+        info!(
+            dir = %config.spool.dir.display(),
+            queued = stats.queued,
+            deferred = stats.deferred,
+            held = stats.held,
+            bytes = stats.bytes,
+            "spool_opened"
+        );
+
+        let metrics = Arc::new(Metrics::default());
+        let budget = usize::try_from(config.smtp.memory_budget_bytes)
+            .unwrap_or(Semaphore::MAX_PERMITS)
+            .min(Semaphore::MAX_PERMITS);
+        let ctx = Arc::new(SessionContext {
+            config: Arc::new(config.smtp.clone()),
+            spool: spool.clone(),
+            budget: Arc::new(Semaphore::new(budget)),
+            metrics: Arc::clone(&metrics),
+            token: token.clone(),
+        });
+
+        let mut sockets = Vec::new();
+        for addr in &config.smtp.listen {
+            let socket = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (smtp.listen)"))?;
+            sockets.push(socket);
+        }
+        let sessions = TaskTracker::new();
+        let listeners = TaskTracker::new();
+        let listener = Arc::new(Listener::new(ctx, sessions.clone()));
+        let mut smtp_addrs = Vec::new();
+        for socket in sockets {
+            let addr = socket
+                .local_addr()
+                .context("listener has no local address")?;
+            info!(addr = %addr, "listening");
+            smtp_addrs.push(addr);
+            listeners.spawn(Arc::clone(&listener).run(socket));
+        }
+        listeners.close();
+
+        let forwarder = Forwarder::spawn(Arc::new(config.amqp.clone()), spool.clone(), token);
+        Ok(Daemon {
+            smtp_addrs,
+            spool,
+            metrics,
+            forwarder,
+            listeners,
+            sessions,
+        })
+    }
+
+    /// The bound SMTP addresses (useful with port 0).
+    pub fn smtp_addrs(&self) -> &[SocketAddr] {
+        &self.smtp_addrs
+    }
+
+    pub fn spool(&self) -> &Spool {
+        &self.spool
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn forwarder(&self) -> &ForwarderHandle {
+        &self.forwarder
+    }
+
+    /// Graceful shutdown, after the token was cancelled: listeners stop, sessions finish what
+    /// they are doing (idle ones got 421), the forwarder waits for outstanding confirms, and the
+    /// spool is flushed. Everything shares one `grace` period. Returns an error if the grace ran
+    /// out (what was unfinished is safe: no 250 was given for it, or it is still spooled).
+    pub async fn join(self, grace: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + grace;
+        self.listeners.wait().await;
+        self.sessions.close();
+        let sessions_done = tokio::time::timeout_at(deadline, self.sessions.wait())
+            .await
+            .is_ok();
+        if !sessions_done {
+            warn!(
+                left = self.sessions.len(),
+                "shutdown_grace_expired_for_sessions"
+            );
+        }
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        self.forwarder.join(left).await;
+        self.spool
+            .flush()
+            .await
+            .context("final spool flush failed")?;
+        info!("shutdown_complete");
+        if sessions_done {
+            Ok(())
+        } else {
+            anyhow::bail!("shutdown grace period ran out with SMTP sessions still open")
+        }
+    }
+}

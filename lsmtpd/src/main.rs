@@ -1,1 +1,154 @@
-fn main() {}
+//! `lsmtpd`: reads the configuration, sets up logging and signals, runs the daemon.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use lsmtpd::config::{Config, Problem, EXIT_CONFIG};
+use lsmtpd::Daemon;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+/// SMTP ingest daemon: spools every message durably, then relays it to an AMQP broker.
+///
+/// Without --config it runs on its built-in defaults (127.0.0.1:2525, spool in ./spool, broker
+/// amqp://guest:guest@127.0.0.1:5672/%2f). Environment variables override the file; see the README.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// Configuration file (RON). Missing settings take their defaults.
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Check the configuration (file and environment) and exit: 0 if valid, 78 if not.
+    #[arg(long, conflicts_with = "print_config")]
+    check_config: bool,
+    /// Print the effective configuration (defaults + file + environment) as RON and exit.
+    /// Note: it includes the AMQP password.
+    #[arg(long)]
+    print_config: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match load_config(&args) {
+        Ok(c) => c,
+        Err(problems) => {
+            for p in &problems {
+                eprintln!("lsmtpd: configuration error: {p}");
+            }
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if args.print_config {
+        print!("{}", config.to_ron());
+        return ExitCode::SUCCESS;
+    }
+    if args.check_config {
+        eprintln!("lsmtpd: configuration is valid");
+        return ExitCode::SUCCESS;
+    }
+
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| config.log.level.clone());
+    let filter = match tracing_subscriber::EnvFilter::try_new(&filter) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("lsmtpd: configuration error: RUST_LOG: {filter:?} is not a log filter: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(|| LossyStderr)
+        .init();
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("lsmtpd: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("lsmtpd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let grace = config.shutdown.grace;
+    let token = CancellationToken::new();
+    let daemon = Daemon::start(config, token.clone()).await?;
+    info!(version = env!("CARGO_PKG_VERSION"), "lsmtpd_ready");
+    wait_for_signal().await?;
+    info!("shutdown_requested");
+    token.cancel();
+    daemon.join(grace).await
+}
+
+/// stderr that never fails: a daemon must keep serving mail when its log reader goes away
+/// (tracing-subscriber would otherwise report the failed write with a panicking `eprintln!`).
+struct LossyStderr;
+
+impl std::io::Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+/// Defaults, then the file, then systemd's directories where the file named none, then the
+/// environment; then validation. Every problem is reported at once.
+fn load_config(args: &Args) -> Result<Config, Vec<Problem>> {
+    let env = |name: &str| std::env::var(name).ok();
+    let (mut config, file_spool_dir, file_socket) = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                vec![Problem {
+                    setting: "--config".into(),
+                    message: format!("cannot read {}: {e}", path.display()),
+                }]
+            })?;
+            let config = Config::from_ron(&text).map_err(|mut p| {
+                p.setting = path.display().to_string();
+                vec![p]
+            })?;
+            let defaults = Config::default();
+            let named_dir = config.spool.dir != defaults.spool.dir;
+            let named_socket = config.admin.socket != defaults.admin.socket;
+            (config, named_dir, named_socket)
+        }
+        None => (Config::default(), false, false),
+    };
+    config.apply_systemd_dirs(&env, file_spool_dir, file_socket);
+    config.apply_env(&env)?;
+    config.validate()?;
+    Ok(config)
+}

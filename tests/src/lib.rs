@@ -1,1 +1,404 @@
+//! Harness for the end-to-end tests: start the real `lsmtpd` binary on a private spool and port,
+//! talk to it with real SMTP clients, kill it, restart it, look into its spool.
+//!
+//! The daemon is found next to the test executable (`target/<profile>/lsmtpd`), which
+//! `cargo test --workspace` builds; `LSMTPD_BIN` overrides the path.
 
+pub mod amqp;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader as TokioBufReader};
+use tokio::net::TcpStream;
+
+/// Path of a binary built by this workspace.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(format!("{}_BIN", name.to_uppercase())) {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/debug/deps/<test>-<hash> -> target/debug/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    dir.join(name)
+}
+
+/// A running `lsmtpd` process with its own spool directory and its stderr collected.
+pub struct Lsmtpd {
+    /// Always Some until the process is reaped by `kill9`/`terminate`.
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub config_path: PathBuf,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Lsmtpd {
+    /// Starts the daemon with `config` (RON) written to `dir/lsmtpd.ron`, and returns once it
+    /// logged its listening address (read from its stderr: no sleeping, no port guessing).
+    pub fn start(dir: &Path, config: &str, env: &[(&str, &str)]) -> Result<Lsmtpd> {
+        let config_path = dir.join("lsmtpd.ron");
+        std::fs::write(&config_path, config)?;
+        let mut cmd = Command::new(workspace_bin("lsmtpd"));
+        cmd.arg("--config")
+            .arg(&config_path)
+            .env("RUST_LOG", "info")
+            .env_remove("STATE_DIRECTORY")
+            .env_remove("RUNTIME_DIRECTORY")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for var in lsmtp_env_vars() {
+            cmd.env_remove(var);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {}", workspace_bin("lsmtpd").display()))?;
+        let stderr = child.stderr.take().context("no stderr")?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel::<Option<SocketAddr>>();
+        {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                let mut sent = false;
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    if !sent && line.contains("lsmtpd_ready") {
+                        let addr = log
+                            .lock()
+                            .map(|l| l.iter().rev().find_map(|l: &String| parse_listening(l)))
+                            .unwrap_or(None);
+                        let _ = tx.send(addr);
+                        sent = true;
+                    }
+                    if let Ok(mut l) = log.lock() {
+                        l.push(line);
+                    }
+                }
+                if !sent {
+                    let _ = tx.send(None);
+                }
+            });
+        }
+        let addr = rx.recv_timeout(Duration::from_secs(60)).ok().flatten();
+        let mut daemon = Lsmtpd {
+            child: Some(child),
+            addr: "127.0.0.1:0".parse()?,
+            config_path,
+            log,
+        };
+        match addr {
+            Some(a) => {
+                daemon.addr = a;
+                Ok(daemon)
+            }
+            None => {
+                let status = daemon.reap_now();
+                bail!(
+                    "lsmtpd did not become ready (exit: {status:?}); log:\n{}",
+                    daemon.log_text()
+                )
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// Kills (if still running) and reaps the process; returns how it ended.
+    fn reap_now(&mut self) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        let _ = child.kill();
+        child.wait().ok()
+    }
+
+    /// Everything the daemon logged so far.
+    pub fn log_text(&self) -> String {
+        self.log.lock().map(|l| l.join("\n")).unwrap_or_default()
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill9(mut self) -> Result<()> {
+        let mut child = self.child.take().context("already reaped")?;
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
+
+    /// SIGTERM, then waits (up to 60 s) for the exit, which a waiter thread reports.
+    pub fn terminate(mut self) -> Result<ExitStatus> {
+        let mut child = self.child.take().context("already reaped")?;
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        // It may exit between the check and the signal; then `wait` below reports that.
+        let _ = signal(child.id(), libc::SIGTERM);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let pid = child.id();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(status) => Ok(status?),
+            Err(_) => {
+                let _ = signal(pid, libc::SIGKILL);
+                bail!(
+                    "lsmtpd did not exit within 60 s of SIGTERM; log:\n{}",
+                    self.log_text()
+                )
+            }
+        }
+    }
+}
+
+impl Drop for Lsmtpd {
+    fn drop(&mut self) {
+        self.reap_now();
+    }
+}
+
+fn signal(pid: u32, sig: i32) -> Result<()> {
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()?;
+    if !status.success() {
+        bail!("kill -{sig} {pid} failed");
+    }
+    Ok(())
+}
+
+/// Environment variables lsmtpd reads; removed from the child so the host's cannot leak in.
+fn lsmtp_env_vars() -> &'static [&'static str] {
+    &[
+        "BIND_ADDRESS",
+        "BIND_PORT",
+        "SERVER_NAME",
+        "MAX_EMAIL_SIZE_BYTES",
+        "MAX_TIMEOUT_SECS",
+        "AMQP_HOST",
+        "AMQP_PORT",
+        "AMQP_USERNAME",
+        "AMQP_PASSWORD",
+        "AMQP_VHOST",
+        "AMQP_EXCHANGE",
+        "AMQP_ROUTING_KEY",
+        "LSMTPD_SPOOL_DIR",
+        "LSMTPD_ADMIN_SOCKET",
+        "LSMTPD_LOG",
+    ]
+}
+
+/// Parses `... listening addr=127.0.0.1:2525` from a log line.
+fn parse_listening(line: &str) -> Option<SocketAddr> {
+    if !line.contains("listening") {
+        return None;
+    }
+    let rest = line.split("addr=").nth(1)?;
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+/// A config for tests: port 0 on loopback, spool and socket under `dir`, a broker address that
+/// refuses connections (nothing drains the spool) unless `amqp` gives a section. `smtp_extra`
+/// is spliced into the `smtp:` section (e.g. `"max_recipients: 5,"`).
+pub fn test_config(dir: &Path, smtp_extra: &str, amqp: Option<&str>) -> String {
+    let amqp = amqp.map(str::to_string).unwrap_or_else(|| {
+        // Port 9 (discard) on loopback: nothing listens there, connections are refused at once.
+        "(nodes: [\"127.0.0.1:9\"])".to_string()
+    });
+    format!(
+        "(\n  smtp: (listen: [\"127.0.0.1:0\"], server_name: \"mx.test\", {smtp_extra}),\n  spool: (dir: {spool:?}, min_free_disk_bytes: 0),\n  admin: (socket: {sock:?}),\n  amqp: {amqp},\n  shutdown: (grace: \"10s\"),\n)\n",
+        spool = dir.join("spool").display().to_string(),
+        sock = dir.join("lsmtpd.sock").display().to_string(),
+    )
+}
+
+/// A minimal raw SMTP client for protocol tests: sends exactly the bytes given, reads replies.
+pub struct RawClient {
+    reader: TokioBufReader<tokio::net::tcp::OwnedReadHalf>,
+    writer: tokio::net::tcp::OwnedWriteHalf,
+}
+
+/// One (possibly multi-line) SMTP reply.
+#[derive(Debug, Clone)]
+pub struct SmtpReply {
+    pub code: u16,
+    pub lines: Vec<String>,
+}
+
+impl SmtpReply {
+    pub fn text(&self) -> String {
+        self.lines.join("\n")
+    }
+}
+
+impl RawClient {
+    /// Connects and reads the greeting.
+    pub async fn connect(addr: SocketAddr) -> Result<(RawClient, SmtpReply)> {
+        let stream = TcpStream::connect(addr).await?;
+        let (r, w) = stream.into_split();
+        let mut c = RawClient {
+            reader: TokioBufReader::new(r),
+            writer: w,
+        };
+        let greeting = c.reply().await?;
+        Ok((c, greeting))
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) -> Result<()> {
+        self.writer.write_all(bytes).await?;
+        Ok(())
+    }
+
+    /// Reads one reply (all its continuation lines), with a 30 s deadline.
+    pub async fn reply(&mut self) -> Result<SmtpReply> {
+        let mut lines = Vec::new();
+        loop {
+            let mut line = String::new();
+            let n = tokio::time::timeout(Duration::from_secs(30), self.reader.read_line(&mut line))
+                .await
+                .context("no reply within 30 s")??;
+            if n == 0 {
+                bail!("connection closed (after {lines:?})");
+            }
+            let line = line.trim_end_matches(['\r', '\n']).to_string();
+            if line.len() < 4 {
+                bail!("short reply line {line:?}");
+            }
+            let code: u16 = line[..3]
+                .parse()
+                .with_context(|| format!("bad reply {line:?}"))?;
+            let more = line.as_bytes()[3] == b'-';
+            lines.push(line[4..].to_string());
+            if !more {
+                return Ok(SmtpReply { code, lines });
+            }
+        }
+    }
+
+    /// Sends a command line (CRLF added) and reads its reply.
+    pub async fn cmd(&mut self, line: &str) -> Result<SmtpReply> {
+        self.send(format!("{line}\r\n").as_bytes()).await?;
+        self.reply().await
+    }
+
+    /// True when the server closed the connection (reads EOF within 30 s).
+    pub async fn closed(&mut self) -> Result<bool> {
+        let mut line = String::new();
+        let n = tokio::time::timeout(Duration::from_secs(30), self.reader.read_line(&mut line))
+            .await
+            .context("connection neither closed nor answered within 30 s")??;
+        Ok(n == 0)
+    }
+
+    /// EHLO + MAIL + RCPT + DATA + body (already dot-stuffed, with the terminator); returns the
+    /// reply to the end of data.
+    pub async fn send_message(
+        &mut self,
+        from: &str,
+        to: &[&str],
+        stuffed: &[u8],
+    ) -> Result<SmtpReply> {
+        let r = self.cmd(&format!("MAIL FROM:<{from}>")).await?;
+        if r.code != 250 {
+            return Ok(r);
+        }
+        for rcpt in to {
+            let r = self.cmd(&format!("RCPT TO:<{rcpt}>")).await?;
+            if r.code != 250 {
+                return Ok(r);
+            }
+        }
+        let r = self.cmd("DATA").await?;
+        if r.code != 354 {
+            return Ok(r);
+        }
+        self.send(stuffed).await?;
+        self.reply().await
+    }
+}
+
+/// Dot-stuffs a CRLF body and appends the terminator.
+pub fn stuff(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + 8);
+    let mut at_line_start = true;
+    for &b in body {
+        if at_line_start && b == b'.' {
+            out.push(b'.');
+        }
+        out.push(b);
+        at_line_start = b == b'\n';
+    }
+    if !body.is_empty() && !body.ends_with(b"\r\n") {
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b".\r\n");
+    out
+}
+
+/// The id from a `250 2.0.0 Ok: queued as <id>` reply.
+pub fn queued_id(reply: &SmtpReply) -> Option<String> {
+    reply
+        .text()
+        .split("queued as ")
+        .nth(1)
+        .map(|s| s.trim().to_string())
+}
+
+/// Splits a stored message into our Received: header and the rest (the bytes the client sent).
+pub fn strip_received(stored: &[u8]) -> Option<&[u8]> {
+    if !stored.starts_with(b"Received: ") {
+        return None;
+    }
+    let mut i = 0;
+    while let Some(pos) = stored[i..].windows(2).position(|w| w == b"\r\n") {
+        let end = i + pos + 2;
+        match stored.get(end) {
+            Some(b' ') | Some(b'\t') => i = end,
+            _ => return Some(&stored[end..]),
+        }
+    }
+    None
+}
+
+/// Opens a stopped daemon's spool and returns every message with its stored bytes, in id order.
+pub fn spool_contents(spool_dir: &Path) -> Result<Vec<(lsmtpd::spool::Record, bytes::Bytes)>> {
+    let cfg = lsmtpd::config::SpoolConfig {
+        dir: spool_dir.to_path_buf(),
+        ..Default::default()
+    };
+    let spool = lsmtpd::spool::Spool::open(&cfg)?;
+    let mut out = Vec::new();
+    for (record, _leased) in spool.list()? {
+        let body = spool
+            .body(record.id)?
+            .with_context(|| format!("message {} has no body", record.id))?;
+        out.push((record, body));
+    }
+    Ok(out)
+}
+
+/// Runs `f` on a fresh multi-thread runtime (tests that also drive blocking process control).
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(f)
+}

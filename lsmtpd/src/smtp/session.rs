@@ -1,0 +1,525 @@
+//! One SMTP connection: the imperative shell around [`SmtpState`].
+//!
+//! Reads bytes, cuts them into command lines ([`LineBuffer`]), lets the pure state machine decide,
+//! runs the effect it asks for (read DATA, read a BDAT chunk) and writes the replies. Replies are
+//! buffered and written whenever the session is about to wait for input, which is exactly what
+//! PIPELINING (RFC 2920) needs.
+//!
+//! Invariants:
+//! - `250` to the end of a message is written only after [`Spool::accept`] returned `Ok`, i.e. the
+//!   message is committed and fsynced. A failed store gets 451/452, never 250.
+//! - Message bytes held in memory are charged to the daemon-wide memory budget while they are
+//!   received and stored; a message that does not fit is read to its end, dropped and refused
+//!   with 452 4.3.1, so the connection stays usable.
+//! - Only the wait for the next command races the shutdown token: a command already read, and a
+//!   DATA transfer already begun, run to completion (or are cut by the daemon's grace period, in
+//!   which case the client never saw 250 and will retry).
+
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use lsmtp_shared::MessageId;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::{BareNewline, SmtpConfig};
+use crate::metrics::Metrics;
+use crate::smtp::received::received_header;
+use crate::smtp::state::{Effect, Limits, Offer, SmtpState};
+use crate::smtp::wire::command::parse_command;
+use crate::smtp::wire::data::{self, DataError, DataLimits, DotUnstuffer, Feed};
+use crate::smtp::wire::line::{LineBuffer, LineError};
+use crate::smtp::wire::reply::Reply;
+use crate::spool::{now_ms, NewMessage, Spool, SpoolError};
+
+/// Size of one socket read.
+const READ_CHUNK: usize = 16 * 1024;
+/// Memory budget is taken in steps of this many bytes, so a message costs one semaphore
+/// operation per step rather than per read.
+const BUDGET_STEP: usize = 64 * 1024;
+
+/// What every session of a daemon shares.
+pub struct SessionContext {
+    pub config: Arc<SmtpConfig>,
+    pub spool: Spool,
+    /// The memory budget in bytes (`smtp.memory_budget_bytes`).
+    pub budget: Arc<Semaphore>,
+    pub metrics: Arc<Metrics>,
+    pub token: CancellationToken,
+}
+
+/// Why a session ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("connection error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// How a read ended.
+enum Input {
+    Data(usize),
+    Eof,
+    TimedOut,
+    Cancelled,
+}
+
+/// A message body being received, with the memory budget it holds.
+struct BodyBuffer {
+    bytes: Vec<u8>,
+    /// Length of our `Received:` header at the start of `bytes`.
+    header_len: usize,
+    permit: Option<OwnedSemaphorePermit>,
+    reserved: usize,
+    over_budget: bool,
+}
+
+impl BodyBuffer {
+    fn new(header: Vec<u8>) -> BodyBuffer {
+        BodyBuffer {
+            header_len: header.len(),
+            bytes: header,
+            permit: None,
+            reserved: 0,
+            over_budget: false,
+        }
+    }
+
+    /// Charges what the body has grown by to the budget. Returns false when the budget is
+    /// exhausted: the body is then dropped and only counted from here on.
+    fn charge(&mut self, budget: &Arc<Semaphore>) -> bool {
+        if self.over_budget {
+            return false;
+        }
+        if self.bytes.len() <= self.reserved {
+            return true;
+        }
+        let want = (self.bytes.len() - self.reserved).div_ceil(BUDGET_STEP) * BUDGET_STEP;
+        let Ok(n) = u32::try_from(want) else {
+            return self.give_up();
+        };
+        match budget.clone().try_acquire_many_owned(n) {
+            Ok(p) => {
+                match &mut self.permit {
+                    Some(held) => held.merge(p),
+                    None => self.permit = Some(p),
+                }
+                self.reserved += want;
+                true
+            }
+            Err(_) => self.give_up(),
+        }
+    }
+
+    fn give_up(&mut self) -> bool {
+        self.over_budget = true;
+        self.bytes = Vec::new();
+        self.permit = None;
+        self.reserved = 0;
+        false
+    }
+}
+
+/// The session: owns the connection and its buffers.
+pub struct Session<S> {
+    /// Connection-limit slots; declared first so they are released before the socket closes.
+    slots: Option<Box<dyn Send>>,
+    stream: S,
+    peer: IpAddr,
+    ctx: Arc<SessionContext>,
+    state: SmtpState,
+    lines: LineBuffer,
+    out: Vec<u8>,
+    read_buf: Vec<u8>,
+    /// The body of a BDAT transaction in progress.
+    bdat_body: Option<(MessageId, BodyBuffer)>,
+}
+
+impl<S> Session<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    pub fn new(stream: S, peer: IpAddr, ctx: Arc<SessionContext>) -> Session<S> {
+        let limits = Limits {
+            max_message_bytes: ctx.config.max_message_bytes,
+            max_recipients: ctx.config.max_recipients,
+        };
+        let offer = Offer {
+            server_name: ctx.config.server_name.clone(),
+            starttls: false,
+        };
+        let lines = LineBuffer::new(ctx.config.max_command_line_bytes);
+        Session {
+            slots: None,
+            stream,
+            peer,
+            ctx,
+            state: SmtpState::new(limits, offer),
+            lines,
+            out: Vec::with_capacity(512),
+            read_buf: vec![0; READ_CHUNK],
+            bdat_body: None,
+        }
+    }
+
+    /// Holds `slots` (connection-limit permits) for the session's life.
+    pub fn with_slots(mut self, slots: Box<dyn Send>) -> Session<S> {
+        self.slots = Some(slots);
+        self
+    }
+
+    /// Runs the session to its end: QUIT, the client closing, a timeout, or shutdown.
+    pub async fn run(mut self) -> Result<(), SessionError> {
+        Reply::greeting(&self.ctx.config.server_name).write_to(&mut self.out);
+        loop {
+            // Answer every complete command already buffered (pipelining) before reading more.
+            while let Some(line) = self.lines.next_line() {
+                let keep_going = match line {
+                    Ok(line) => self.on_line(&line).await?,
+                    Err(LineError::TooLong) => {
+                        self.ctx
+                            .metrics
+                            .rejected_commands
+                            .fetch_add(1, Ordering::Relaxed);
+                        Reply::command_line_too_long().write_to(&mut self.out);
+                        true
+                    }
+                };
+                if !keep_going {
+                    self.flush().await?;
+                    return Ok(());
+                }
+            }
+            self.flush().await?;
+            match self.read(self.ctx.config.command_timeout, true).await? {
+                Input::Data(n) => {
+                    let chunk = &self.read_buf[..n];
+                    self.lines.extend(chunk);
+                }
+                Input::Eof => return Ok(()),
+                Input::TimedOut => {
+                    Reply::timeout().write_to(&mut self.out);
+                    self.flush().await?;
+                    return Ok(());
+                }
+                Input::Cancelled => {
+                    Reply::service_closing(&self.ctx.config.server_name).write_to(&mut self.out);
+                    self.flush().await?;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), SessionError> {
+        if !self.out.is_empty() {
+            self.stream.write_all(&self.out).await?;
+            self.stream.flush().await?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    /// Reads once. Only a read between commands (`between_commands`) races the shutdown token.
+    ///
+    /// # Cancel safety
+    /// A read that loses the race consumed nothing: `read` is cancel-safe.
+    async fn read(
+        &mut self,
+        limit: Duration,
+        between_commands: bool,
+    ) -> Result<Input, SessionError> {
+        let token = self.ctx.token.clone();
+        let read = tokio::time::timeout(limit, self.stream.read(&mut self.read_buf));
+        let result = if between_commands {
+            tokio::select! {
+                biased;
+                _ = token.cancelled() => return Ok(Input::Cancelled),
+                r = read => r,
+            }
+        } else {
+            read.await
+        };
+        match result {
+            Err(_) => Ok(Input::TimedOut),
+            Ok(Ok(0)) => Ok(Input::Eof),
+            Ok(Ok(n)) => Ok(Input::Data(n)),
+            Ok(Err(e)) => Err(e.into()),
+        }
+    }
+
+    /// Runs one command line. Returns false when the session must end.
+    async fn on_line(&mut self, line: &[u8]) -> Result<bool, SessionError> {
+        let cmd = match parse_command(line) {
+            Ok(cmd) => cmd,
+            Err(e) => {
+                self.ctx
+                    .metrics
+                    .rejected_commands
+                    .fetch_add(1, Ordering::Relaxed);
+                debug!(error = %e, "command_refused");
+                e.reply().write_to(&mut self.out);
+                return Ok(true);
+            }
+        };
+        let spool = &self.ctx.spool;
+        let step = self
+            .state
+            .on_command(cmd, &|size| spool.check_capacity(size).is_ok());
+        if let Some(reply) = &step.reply {
+            reply.write_to(&mut self.out);
+        }
+        match step.effect {
+            Effect::None => Ok(true),
+            Effect::Close => Ok(false),
+            Effect::ReadData => self.receive_data().await,
+            Effect::ReadBdat { size, last } => self.receive_bdat(size, last).await,
+            Effect::DiscardBdat { size } => self.discard_bdat(size).await,
+            // TLS is not configured in this build: the state machine never asks for it.
+            Effect::StartTls => Ok(true),
+        }
+    }
+
+    /// Builds the `Received:` header and a fresh id for the message that is starting.
+    fn start_message(&self) -> (MessageId, Vec<u8>) {
+        let id = MessageId::new_v7();
+        let greeting = self.state.greeting().map(|g| g.name.as_str()).unwrap_or("");
+        let rcpts = self
+            .state
+            .envelope()
+            .map(|e| e.rcpts.as_slice())
+            .unwrap_or(&[]);
+        let single = match rcpts {
+            [one] => Some(one.to_string()),
+            _ => None,
+        };
+        let header = received_header(
+            greeting,
+            self.peer,
+            &self.ctx.config.server_name,
+            self.state.protocol_name(),
+            id,
+            single.as_deref(),
+            time::OffsetDateTime::now_utc(),
+        );
+        (id, header)
+    }
+
+    async fn receive_data(&mut self) -> Result<bool, SessionError> {
+        // The client waits for the 354 before it sends the body.
+        self.flush().await?;
+        let (id, header) = self.start_message();
+        let mut body = BodyBuffer::new(header);
+        let max_bytes = usize::try_from(self.ctx.config.max_message_bytes).unwrap_or(usize::MAX);
+        let mut reader = DotUnstuffer::new(DataLimits {
+            max_bytes,
+            max_line: self.ctx.config.max_line_bytes,
+            bare_newline: match self.ctx.config.bare_newline {
+                BareNewline::Reject => data::BareNewline::Reject,
+                BareNewline::Normalize => data::BareNewline::Normalize,
+            },
+        });
+        // Bytes that arrived behind the DATA command are the body's first bytes.
+        let mut pending = self.lines.take_buffered();
+        loop {
+            let fed = reader.feed(&pending, &mut body.bytes);
+            if !body.charge(&self.ctx.budget) {
+                reader.discard();
+            }
+            match fed {
+                Feed::Done { consumed } => {
+                    self.lines.extend(&pending[consumed..]);
+                    break;
+                }
+                Feed::NeedMore => {}
+            }
+            match self.read(self.ctx.config.data_timeout, false).await? {
+                Input::Data(n) => {
+                    pending.clear();
+                    pending.extend_from_slice(&self.read_buf[..n]);
+                }
+                Input::Eof | Input::Cancelled => {
+                    warn!(msg_id = %id, "connection_lost_in_data");
+                    return Ok(false);
+                }
+                Input::TimedOut => {
+                    Reply::timeout().write_to(&mut self.out);
+                    return Ok(false);
+                }
+            }
+        }
+        let refusal = match reader.finish() {
+            Err(e) => Some(data_error_reply(&e)),
+            Ok(()) if body.over_budget => Some(Reply::insufficient_storage()),
+            Ok(()) => None,
+        };
+        self.finish_message(id, body, refusal).await;
+        Ok(true)
+    }
+
+    async fn receive_bdat(&mut self, size: u64, last: bool) -> Result<bool, SessionError> {
+        let (id, mut body) = match self.bdat_body.take() {
+            Some(started) => started,
+            None => {
+                let (id, header) = self.start_message();
+                (id, BodyBuffer::new(header))
+            }
+        };
+        let max = self.ctx.config.max_message_bytes;
+        let so_far = body.bytes.len().saturating_sub(body.header_len) as u64;
+        if so_far.saturating_add(size) > max {
+            self.state.refuse_bdat(Reply::message_too_big());
+        }
+        let keep = self.state.bdat_refusal().is_none();
+        let Some(()) = self.copy_chunk(size, keep.then_some(&mut body)).await? else {
+            return Ok(false);
+        };
+        if keep && !body.charge(&self.ctx.budget) {
+            self.state.refuse_bdat(Reply::insufficient_storage());
+        }
+        if !last {
+            Reply::new(250, Some((2, 0, 0)), format!("{size} octets received"))
+                .write_to(&mut self.out);
+            self.bdat_body = Some((id, body));
+            return Ok(true);
+        }
+        let refusal = self.state.bdat_refusal().cloned();
+        self.finish_message(id, body, refusal).await;
+        Ok(true)
+    }
+
+    /// Copies `size` bytes of a BDAT chunk into `body` (or drops them when `body` is None).
+    /// Returns None when the connection ended first.
+    async fn copy_chunk(
+        &mut self,
+        size: u64,
+        mut body: Option<&mut BodyBuffer>,
+    ) -> Result<Option<()>, SessionError> {
+        let mut left = size;
+        let mut pending = self.lines.take_buffered();
+        loop {
+            let take = usize::try_from(left)
+                .unwrap_or(usize::MAX)
+                .min(pending.len());
+            if let Some(b) = body.as_deref_mut() {
+                b.bytes.extend_from_slice(&pending[..take]);
+                if !b.charge(&self.ctx.budget) {
+                    self.state.refuse_bdat(Reply::insufficient_storage());
+                    body = None;
+                }
+            }
+            left -= take as u64;
+            if left == 0 {
+                self.lines.extend(&pending[take..]);
+                return Ok(Some(()));
+            }
+            self.flush().await?;
+            match self.read(self.ctx.config.data_timeout, false).await? {
+                Input::Data(n) => {
+                    pending.clear();
+                    pending.extend_from_slice(&self.read_buf[..n]);
+                }
+                Input::Eof | Input::Cancelled => return Ok(None),
+                Input::TimedOut => {
+                    Reply::timeout().write_to(&mut self.out);
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
+    async fn discard_bdat(&mut self, size: u64) -> Result<bool, SessionError> {
+        Ok(self.copy_chunk(size, None).await?.is_some())
+    }
+
+    /// Stores the message (or refuses it) and ends the transaction. Writes the reply.
+    async fn finish_message(&mut self, id: MessageId, body: BodyBuffer, refusal: Option<Reply>) {
+        let envelope = self.state.envelope().cloned();
+        let tls = self.state.tls();
+        let helo = self
+            .state
+            .greeting()
+            .map(|g| g.name.clone())
+            .unwrap_or_default();
+        self.state.end_transaction();
+        let (Some(envelope), None) = (envelope, &refusal) else {
+            let reply = refusal.unwrap_or_else(Reply::bad_sequence);
+            self.ctx
+                .metrics
+                .rejected_messages
+                .fetch_add(1, Ordering::Relaxed);
+            info!(msg_id = %id, client_ip = %self.peer, code = reply.code(), "message_refused");
+            reply.write_to(&mut self.out);
+            return;
+        };
+        let BodyBuffer { bytes, permit, .. } = body;
+        let size = bytes.len() as u64;
+        let mail_from = envelope.from.to_string();
+        let rcpt_to: Vec<String> = envelope.rcpts.iter().map(|r| r.to_string()).collect();
+        let rcpt_count = rcpt_to.len();
+        let msg = NewMessage {
+            id,
+            received_at_ms: now_ms(),
+            client_ip: self.peer,
+            helo,
+            tls,
+            auth_user: None,
+            mail_from: mail_from.clone(),
+            rcpt_to,
+            body: Bytes::from(bytes),
+        };
+        let started = std::time::Instant::now();
+        let stored = self.ctx.spool.accept(msg).await;
+        drop(permit);
+        let reply = match stored {
+            Ok(()) => {
+                self.ctx
+                    .metrics
+                    .accepted_messages
+                    .fetch_add(1, Ordering::Relaxed);
+                info!(
+                    msg_id = %id,
+                    sender = %mail_from,
+                    rcpts = rcpt_count,
+                    size,
+                    client_ip = %self.peer,
+                    store_us = started.elapsed().as_micros() as u64,
+                    "message_spooled"
+                );
+                Reply::queued(id)
+            }
+            Err(e) => {
+                self.ctx
+                    .metrics
+                    .rejected_messages
+                    .fetch_add(1, Ordering::Relaxed);
+                warn!(msg_id = %id, client_ip = %self.peer, error = %e, "message_not_spooled");
+                spool_error_reply(&e)
+            }
+        };
+        reply.write_to(&mut self.out);
+    }
+}
+
+/// The reply to a message the DATA reader refused.
+fn data_error_reply(e: &DataError) -> Reply {
+    match e {
+        DataError::TooLarge => Reply::message_too_big(),
+        DataError::BareNewline => Reply::bare_newline(),
+        DataError::LineTooLong => Reply::line_too_long_in_data(),
+        // finish() before the terminator: a bug of ours; never a 250.
+        DataError::Incomplete => Reply::storage_failed(),
+    }
+}
+
+/// The reply to a failed store: never 250.
+fn spool_error_reply(e: &SpoolError) -> Reply {
+    match e {
+        SpoolError::Full { .. } => Reply::insufficient_storage(),
+        _ => Reply::storage_failed(),
+    }
+}

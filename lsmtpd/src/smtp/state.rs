@@ -1,0 +1,544 @@
+//! The SMTP transaction state machine: the functional core of a session.
+//!
+//! Pure: `on_command` takes a parsed command and returns a [`Step`] — the reply to send (if any)
+//! and the effect the session must run (read DATA, read a BDAT chunk, start TLS, close). It never
+//! touches a socket, the spool or the clock, so every sequencing rule is tested without I/O.
+//!
+//! Invariants:
+//! - A transaction exists only between an accepted `MAIL` and its end (end of DATA / last BDAT,
+//!   `RSET`, `HELO`/`EHLO`, `STARTTLS`).
+//! - DATA and BDAT are only reachable with at least one accepted recipient; a BDAT chunk is always
+//!   read (or discarded) in full, even when the command is refused (RFC 3030 §3).
+//! - DATA and BDAT never mix within one transaction.
+
+use crate::smtp::wire::command::{BodyType, Command, ForwardPath, MailParams, ReversePath};
+use crate::smtp::wire::reply::Reply;
+
+/// Limits the state machine enforces.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_message_bytes: u64,
+    pub max_recipients: usize,
+}
+
+/// What the session must do after sending `Step::reply`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    None,
+    /// Read the DATA body (the 354 has been queued as the reply).
+    ReadData,
+    /// Read a BDAT chunk of `size` bytes into the transaction's body; reply after reading.
+    ReadBdat {
+        size: u64,
+        last: bool,
+    },
+    /// Read and throw away a BDAT chunk of `size` bytes, then send the reply in the step.
+    DiscardBdat {
+        size: u64,
+    },
+    /// Upgrade the connection to TLS after the 220; then call [`SmtpState::on_tls_started`].
+    StartTls,
+    /// Close the connection after the reply.
+    Close,
+}
+
+/// The outcome of one command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub reply: Option<Reply>,
+    pub effect: Effect,
+}
+
+impl Step {
+    fn reply(reply: Reply) -> Step {
+        Step {
+            reply: Some(reply),
+            effect: Effect::None,
+        }
+    }
+}
+
+/// The envelope of the transaction in progress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    pub from: ReversePath,
+    pub params: MailParams,
+    pub rcpts: Vec<ForwardPath>,
+}
+
+/// Which greeting the client used: it decides the extensions and the `Received:` protocol name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Greeting {
+    pub name: String,
+    pub extended: bool,
+}
+
+/// What the server offers in its EHLO reply.
+#[derive(Debug, Clone)]
+pub struct Offer {
+    pub server_name: String,
+    /// STARTTLS is offered when a TLS configuration exists and TLS is not already on.
+    pub starttls: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyMode {
+    None,
+    Bdat,
+}
+
+/// Per-connection protocol state.
+#[derive(Debug)]
+pub struct SmtpState {
+    limits: Limits,
+    offer: Offer,
+    tls: bool,
+    greeting: Option<Greeting>,
+    envelope: Option<Envelope>,
+    body_mode: BodyMode,
+    /// A refusal found while BDAT chunks were arriving, answered at the last chunk.
+    bdat_refusal: Option<Reply>,
+}
+
+impl SmtpState {
+    pub fn new(limits: Limits, offer: Offer) -> SmtpState {
+        SmtpState {
+            limits,
+            offer,
+            tls: false,
+            greeting: None,
+            envelope: None,
+            body_mode: BodyMode::None,
+            bdat_refusal: None,
+        }
+    }
+
+    pub fn greeting(&self) -> Option<&Greeting> {
+        self.greeting.as_ref()
+    }
+
+    pub fn envelope(&self) -> Option<&Envelope> {
+        self.envelope.as_ref()
+    }
+
+    pub fn tls(&self) -> bool {
+        self.tls
+    }
+
+    /// The protocol name for the `Received:` header (RFC 3848, RFC 6531).
+    pub fn protocol_name(&self) -> &'static str {
+        let extended = self.greeting.as_ref().is_some_and(|g| g.extended);
+        let utf8 = self.envelope.as_ref().is_some_and(|e| e.params.smtputf8);
+        match (extended, utf8, self.tls) {
+            (false, _, false) => "SMTP",
+            (false, _, true) => "SMTPS",
+            (true, false, false) => "ESMTP",
+            (true, false, true) => "ESMTPS",
+            (true, true, false) => "UTF8SMTP",
+            (true, true, true) => "UTF8SMTPS",
+        }
+    }
+
+    /// The reply lines of EHLO.
+    fn ehlo_reply(&self, client: &str) -> Reply {
+        let mut lines = vec![
+            "PIPELINING".to_string(),
+            format!("SIZE {}", self.limits.max_message_bytes),
+            "8BITMIME".to_string(),
+            "ENHANCEDSTATUSCODES".to_string(),
+            "SMTPUTF8".to_string(),
+            "CHUNKING".to_string(),
+        ];
+        if self.offer.starttls && !self.tls {
+            lines.push("STARTTLS".to_string());
+        }
+        lines.push("HELP".to_string());
+        Reply::ehlo(
+            &format!("{} greets {}", self.offer.server_name, client),
+            lines,
+        )
+    }
+
+    fn reset_transaction(&mut self) {
+        self.envelope = None;
+        self.body_mode = BodyMode::None;
+        self.bdat_refusal = None;
+    }
+
+    /// Runs one command. `has_room(size)` asks the spool whether a message of `size` bytes
+    /// (0 when unknown) can be taken now; it is consulted at MAIL FROM.
+    pub fn on_command(&mut self, cmd: Command, has_room: &dyn Fn(u64) -> bool) -> Step {
+        match cmd {
+            Command::Ehlo(name) => self.on_hello(name, true),
+            Command::Helo(name) => self.on_hello(name, false),
+            Command::Mail { from, params } => self.on_mail(from, params, has_room),
+            Command::Rcpt { to, params } => self.on_rcpt(to, params),
+            Command::Data => self.on_data(),
+            Command::Bdat { size, last } => self.on_bdat(size, last),
+            Command::Rset => {
+                self.reset_transaction();
+                Step::reply(Reply::ok())
+            }
+            Command::Noop => Step::reply(Reply::ok()),
+            Command::Quit => Step {
+                reply: Some(Reply::closing()),
+                effect: Effect::Close,
+            },
+            Command::Help => Step::reply(Reply::help()),
+            Command::Vrfy(_) => Step::reply(Reply::cannot_verify()),
+            Command::Expn(_) | Command::Auth { .. } => Step::reply(Reply::not_implemented()),
+            Command::StartTls => self.on_starttls(),
+        }
+    }
+
+    fn on_hello(&mut self, name: String, extended: bool) -> Step {
+        if self.body_mode == BodyMode::Bdat {
+            return Step::reply(Reply::bad_sequence());
+        }
+        self.reset_transaction();
+        let reply = if extended {
+            self.ehlo_reply(&name)
+        } else {
+            Reply::helo(&self.offer.server_name)
+        };
+        self.greeting = Some(Greeting { name, extended });
+        Step::reply(reply)
+    }
+
+    fn on_mail(
+        &mut self,
+        from: ReversePath,
+        params: MailParams,
+        has_room: &dyn Fn(u64) -> bool,
+    ) -> Step {
+        let Some(greeting) = &self.greeting else {
+            return Step::reply(Reply::need_helo());
+        };
+        if self.envelope.is_some() {
+            return Step::reply(Reply::nested_mail());
+        }
+        let extended = greeting.extended;
+        if !extended && (params.size.is_some() || params.body.is_some() || params.smtputf8) {
+            return Step::reply(Reply::new(
+                555,
+                Some((5, 5, 4)),
+                "MAIL parameters need EHLO",
+            ));
+        }
+        if let ReversePath::Mailbox(addr) = &from {
+            if !addr.is_ascii() && !params.smtputf8 {
+                return Step::reply(Reply::smtputf8_required());
+            }
+        }
+        if let Some(size) = params.size {
+            if size > self.limits.max_message_bytes {
+                return Step::reply(Reply::message_too_big());
+            }
+        }
+        if !has_room(params.size.unwrap_or(0)) {
+            return Step::reply(Reply::insufficient_storage());
+        }
+        self.envelope = Some(Envelope {
+            from,
+            params,
+            rcpts: Vec::new(),
+        });
+        Step::reply(Reply::ok())
+    }
+
+    fn on_rcpt(&mut self, to: ForwardPath, params: Vec<(String, Option<String>)>) -> Step {
+        let max = self.limits.max_recipients;
+        let Some(env) = &mut self.envelope else {
+            return Step::reply(Reply::need_mail());
+        };
+        if self.body_mode == BodyMode::Bdat {
+            return Step::reply(Reply::bad_sequence());
+        }
+        if let Some((name, _)) = params.first() {
+            return Step::reply(Reply::unknown_parameter(name));
+        }
+        if let ForwardPath::Mailbox(addr) = &to {
+            if !addr.is_ascii() && !env.params.smtputf8 {
+                return Step::reply(Reply::smtputf8_required());
+            }
+        }
+        if env.rcpts.len() >= max {
+            return Step::reply(Reply::too_many_recipients());
+        }
+        env.rcpts.push(to);
+        Step::reply(Reply::ok())
+    }
+
+    fn on_data(&mut self) -> Step {
+        match &self.envelope {
+            None => Step::reply(Reply::need_mail()),
+            Some(env) if env.rcpts.is_empty() => Step::reply(Reply::need_rcpt()),
+            Some(_) if self.body_mode == BodyMode::Bdat => {
+                Step::reply(Reply::new(503, Some((5, 5, 1)), "DATA cannot follow BDAT"))
+            }
+            Some(env) if env.params.body == Some(BodyType::BinaryMime) => {
+                Step::reply(Reply::new(503, Some((5, 5, 1)), "BINARYMIME needs BDAT"))
+            }
+            Some(_) => Step {
+                reply: Some(Reply::start_data()),
+                effect: Effect::ReadData,
+            },
+        }
+    }
+
+    fn on_bdat(&mut self, size: u64, last: bool) -> Step {
+        let refusal = match &self.envelope {
+            None => Some(Reply::need_mail()),
+            Some(env) if env.rcpts.is_empty() => Some(Reply::need_rcpt()),
+            Some(_) => None,
+        };
+        if let Some(reply) = refusal {
+            return Step {
+                reply: Some(reply),
+                effect: Effect::DiscardBdat { size },
+            };
+        }
+        self.body_mode = BodyMode::Bdat;
+        Step {
+            reply: None,
+            effect: Effect::ReadBdat { size, last },
+        }
+    }
+
+    fn on_starttls(&mut self) -> Step {
+        if self.tls {
+            return Step::reply(Reply::tls_already_active());
+        }
+        if !self.offer.starttls {
+            return Step::reply(Reply::not_implemented());
+        }
+        if self.body_mode == BodyMode::Bdat {
+            return Step::reply(Reply::bad_sequence());
+        }
+        Step {
+            reply: Some(Reply::ready_to_start_tls()),
+            effect: Effect::StartTls,
+        }
+    }
+
+    /// TLS is up: everything learned before is forgotten (RFC 3207 §4.2).
+    pub fn on_tls_started(&mut self) {
+        self.tls = true;
+        self.greeting = None;
+        self.reset_transaction();
+    }
+
+    /// Records a refusal found while receiving BDAT chunks (too large, over the memory budget);
+    /// the transaction continues to its last chunk, which then gets this reply.
+    pub fn refuse_bdat(&mut self, reply: Reply) {
+        if self.bdat_refusal.is_none() {
+            self.bdat_refusal = Some(reply);
+        }
+    }
+
+    /// The refusal recorded for the BDAT transaction, if any.
+    pub fn bdat_refusal(&self) -> Option<&Reply> {
+        self.bdat_refusal.as_ref()
+    }
+
+    /// The message's end was reached (stored or refused): the transaction is over.
+    pub fn end_transaction(&mut self) {
+        self.reset_transaction();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::smtp::wire::command::parse_command;
+
+    fn state() -> SmtpState {
+        SmtpState::new(
+            Limits {
+                max_message_bytes: 1000,
+                max_recipients: 3,
+            },
+            Offer {
+                server_name: "mx.test".into(),
+                starttls: false,
+            },
+        )
+    }
+
+    fn run(s: &mut SmtpState, line: &str) -> Step {
+        let cmd = parse_command(line.as_bytes()).expect("test command parses");
+        s.on_command(cmd, &|_| true)
+    }
+
+    fn code(step: &Step) -> u16 {
+        step.reply.as_ref().map(|r| r.code()).unwrap_or(0)
+    }
+
+    #[test]
+    fn mail_before_helo_is_a_sequence_error() {
+        let mut s = state();
+        assert_eq!(code(&run(&mut s, "MAIL FROM:<a@b.c>")), 503);
+    }
+
+    #[test]
+    fn full_transaction_reaches_read_data() {
+        let mut s = state();
+        let ehlo = run(&mut s, "EHLO client.test");
+        assert_eq!(code(&ehlo), 250);
+        assert_eq!(code(&run(&mut s, "MAIL FROM:<a@b.c> SIZE=10")), 250);
+        assert_eq!(code(&run(&mut s, "RCPT TO:<x@y.z>")), 250);
+        let data = run(&mut s, "DATA");
+        assert_eq!(code(&data), 354);
+        assert_eq!(data.effect, Effect::ReadData);
+        assert_eq!(s.protocol_name(), "ESMTP");
+    }
+
+    #[test]
+    fn ehlo_advertises_the_extensions() {
+        let mut s = state();
+        let step = run(&mut s, "EHLO c");
+        let mut out = Vec::new();
+        step.reply.expect("reply").write_to(&mut out);
+        let text = String::from_utf8(out).expect("ascii");
+        for ext in [
+            "PIPELINING",
+            "SIZE 1000",
+            "8BITMIME",
+            "ENHANCEDSTATUSCODES",
+            "SMTPUTF8",
+            "CHUNKING",
+        ] {
+            assert!(text.contains(ext), "{ext} missing in {text}");
+        }
+        assert!(!text.contains("STARTTLS"), "no TLS configured: {text}");
+    }
+
+    #[test]
+    fn data_without_recipients_is_refused() {
+        let mut s = state();
+        run(&mut s, "EHLO c");
+        run(&mut s, "MAIL FROM:<>");
+        assert_eq!(code(&run(&mut s, "DATA")), 503);
+    }
+
+    #[test]
+    fn null_sender_is_accepted() {
+        let mut s = state();
+        run(&mut s, "EHLO c");
+        assert_eq!(code(&run(&mut s, "MAIL FROM:<>")), 250);
+    }
+
+    #[test]
+    fn declared_size_over_the_limit_gets_552_at_mail() {
+        let mut s = state();
+        run(&mut s, "EHLO c");
+        let step = run(&mut s, "MAIL FROM:<a@b.c> SIZE=1001");
+        assert_eq!(code(&step), 552);
+        assert!(s.envelope().is_none());
+    }
+
+    #[test]
+    fn a_full_spool_gets_452_at_mail() {
+        let mut s = state();
+        run(&mut s, "EHLO c");
+        let cmd = parse_command(b"MAIL FROM:<a@b.c>").expect("parses");
+        let step = s.on_command(cmd, &|_| false);
+        assert_eq!(code(&step), 452);
+    }
+
+    #[test]
+    fn recipients_over_the_limit_get_452_4_5_3() {
+        let mut s = state();
+        run(&mut s, "EHLO c");
+        run(&mut s, "MAIL FROM:<a@b.c>");
+        for i in 0..3 {
+            assert_eq!(code(&run(&mut s, &format!("RCPT TO:<r{i}@y.z>"))), 250);
+        }
+        let step = run(&mut s, "RCPT TO:<r9@y.z>");
+        assert_eq!(code(&step), 452);
+        assert_eq!(step.reply.expect("reply").enhanced(), Some((4, 5, 3)));
+        assert_eq!(s.envelope().map(|e| e.rcpts.len()), Some(3));
+    }
+
+    #[test]
+    fn rset_and_helo_end_the_transaction() {
+        let mut s = state();
+        run(&mut s, "EHLO c");
+        run(&mut s, "MAIL FROM:<a@b.c>");
+        run(&mut s, "RSET");
+        assert!(s.envelope().is_none());
+        assert_eq!(code(&run(&mut s, "MAIL FROM:<a@b.c>")), 250);
+        run(&mut s, "HELO again");
+        assert!(s.envelope().is_none());
+        assert_eq!(s.protocol_name(), "SMTP");
+    }
+
+    #[test]
+    fn nested_mail_is_refused() {
+        let mut s = state();
+        run(&mut s, "EHLO c");
+        run(&mut s, "MAIL FROM:<a@b.c>");
+        assert_eq!(code(&run(&mut s, "MAIL FROM:<a@b.c>")), 503);
+    }
+
+    #[test]
+    fn bdat_without_transaction_discards_the_chunk() {
+        let mut s = state();
+        run(&mut s, "EHLO c");
+        let step = run(&mut s, "BDAT 10 LAST");
+        assert_eq!(code(&step), 503);
+        assert_eq!(step.effect, Effect::DiscardBdat { size: 10 });
+    }
+
+    #[test]
+    fn data_cannot_follow_bdat() {
+        let mut s = state();
+        run(&mut s, "EHLO c");
+        run(&mut s, "MAIL FROM:<a@b.c>");
+        run(&mut s, "RCPT TO:<x@y.z>");
+        let step = run(&mut s, "BDAT 5");
+        assert_eq!(
+            step.effect,
+            Effect::ReadBdat {
+                size: 5,
+                last: false
+            }
+        );
+        assert_eq!(step.reply, None);
+        assert_eq!(code(&run(&mut s, "DATA")), 503);
+    }
+
+    #[test]
+    fn utf8_address_needs_smtputf8() {
+        let mut s = state();
+        run(&mut s, "EHLO c");
+        assert_eq!(code(&run(&mut s, "MAIL FROM:<jörg@example.de>")), 553);
+        assert_eq!(
+            code(&run(&mut s, "MAIL FROM:<jörg@example.de> SMTPUTF8")),
+            250
+        );
+        assert_eq!(code(&run(&mut s, "RCPT TO:<ñ@ejemplo.es>")), 250);
+        assert_eq!(s.protocol_name(), "UTF8SMTP");
+    }
+
+    #[test]
+    fn quit_closes() {
+        let mut s = state();
+        let step = run(&mut s, "QUIT");
+        assert_eq!(code(&step), 221);
+        assert_eq!(step.effect, Effect::Close);
+    }
+
+    #[test]
+    fn starttls_is_refused_without_tls_configured() {
+        let mut s = state();
+        run(&mut s, "EHLO c");
+        assert_eq!(code(&run(&mut s, "STARTTLS")), 502);
+    }
+
+    #[test]
+    fn vrfy_gets_252() {
+        let mut s = state();
+        assert_eq!(code(&run(&mut s, "VRFY postmaster")), 252);
+    }
+}

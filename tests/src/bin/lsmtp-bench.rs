@@ -1,0 +1,281 @@
+//! `lsmtp-bench`: an SMTP load generator and measuring tool.
+//!
+//! C concurrent clients send M messages of S bytes in all, K messages per connection, and the
+//! tool reports accepted messages/s, end-of-DATA → reply latency percentiles and the replies by
+//! code. With `--pid` it also reports the daemon's peak RSS and CPU time per message from /proc.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use lsmtp_e2e::{stuff, RawClient};
+
+/// SMTP load generator: accepted msgs/s and end-of-DATA latency.
+#[derive(Parser, Debug, Clone)]
+#[command(version, about)]
+struct Args {
+    /// Server address.
+    #[arg(long, default_value = "127.0.0.1:2525")]
+    addr: SocketAddr,
+    /// Concurrent clients.
+    #[arg(short = 'c', long, default_value_t = 50)]
+    clients: usize,
+    /// Messages in all.
+    #[arg(short = 'm', long, default_value_t = 10_000)]
+    messages: u64,
+    /// Message size in bytes (headers included).
+    #[arg(short = 's', long, default_value_t = 4096)]
+    size: usize,
+    /// Messages per connection (1 = a new connection for every message).
+    #[arg(short = 'k', long, default_value_t = 1000)]
+    per_connection: u64,
+    /// Recipients per message.
+    #[arg(short = 'r', long, default_value_t = 1)]
+    recipients: usize,
+    /// Send MAIL, RCPT and DATA in one write (PIPELINING).
+    #[arg(long)]
+    pipelining: bool,
+    /// The daemon's pid: report its peak RSS and CPU time per message.
+    #[arg(long)]
+    pid: Option<u32>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Default)]
+struct Shared {
+    next: AtomicU64,
+    done: AtomicU64,
+}
+
+struct ClientResult {
+    latencies_us: Vec<u64>,
+    codes: BTreeMap<u16, u64>,
+    errors: u64,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.clients == 0 || args.per_connection == 0 || args.size < 64 {
+        bail!("--clients and --per-connection must be at least 1, --size at least 64");
+    }
+    let body = make_body(args.size);
+    let stuffed = Arc::new(stuff(&body));
+    let shared = Arc::new(Shared::default());
+    let cpu_before = args.pid.map(proc_cpu_us).transpose()?;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..args.clients {
+        let args = args.clone();
+        let stuffed = Arc::clone(&stuffed);
+        let shared = Arc::clone(&shared);
+        tasks.push(tokio::spawn(
+            async move { client(args, stuffed, shared).await },
+        ));
+    }
+    let mut latencies = Vec::new();
+    let mut codes: BTreeMap<u16, u64> = BTreeMap::new();
+    let mut errors = 0;
+    for t in tasks {
+        let r = t.await.context("client task")?;
+        latencies.extend(r.latencies_us);
+        for (c, n) in r.codes {
+            *codes.entry(c).or_default() += n;
+        }
+        errors += r.errors;
+    }
+    let elapsed = started.elapsed();
+    latencies.sort_unstable();
+    let accepted = codes.get(&250).copied().unwrap_or(0);
+    let rate = accepted as f64 / elapsed.as_secs_f64();
+    let pct = |p: f64| -> f64 {
+        if latencies.is_empty() {
+            return 0.0;
+        }
+        let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
+        latencies[i] as f64 / 1000.0
+    };
+    let (rss, cpu_per_msg) = match args.pid {
+        Some(pid) => {
+            let cpu = proc_cpu_us(pid)? - cpu_before.unwrap_or(0);
+            (
+                Some(proc_peak_rss_kib(pid)?),
+                Some(cpu as f64 / accepted.max(1) as f64),
+            )
+        }
+        None => (None, None),
+    };
+    if args.json {
+        let v = serde_json::json!({
+            "clients": args.clients, "messages": args.messages, "size": args.size,
+            "per_connection": args.per_connection, "pipelining": args.pipelining,
+            "elapsed_s": elapsed.as_secs_f64(), "accepted": accepted, "accepted_per_s": rate,
+            "latency_ms": {"p50": pct(0.50), "p99": pct(0.99), "p999": pct(0.999), "max": pct(1.0)},
+            "replies": codes, "connection_errors": errors,
+            "daemon_peak_rss_kib": rss, "daemon_cpu_us_per_msg": cpu_per_msg,
+        });
+        println!("{v}");
+    } else {
+        println!(
+            "clients {}  messages {}  size {} B  per connection {}  pipelining {}",
+            args.clients, args.messages, args.size, args.per_connection, args.pipelining
+        );
+        println!("elapsed            {:>10.3} s", elapsed.as_secs_f64());
+        println!("accepted           {accepted:>10}  ({rate:.0} msg/s)");
+        println!(
+            "end-of-DATA→reply  p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms",
+            pct(0.5),
+            pct(0.99),
+            pct(0.999),
+            pct(1.0)
+        );
+        println!("replies            {codes:?}  connection errors {errors}");
+        if let (Some(rss), Some(cpu)) = (rss, cpu_per_msg) {
+            println!(
+                "daemon             peak RSS {:.1} MiB  CPU {cpu:.0} µs/msg",
+                rss as f64 / 1024.0
+            );
+        }
+    }
+    Ok(())
+}
+
+fn make_body(size: usize) -> Vec<u8> {
+    let mut body =
+        b"From: bench@example.org\r\nTo: sink@example.net\r\nSubject: lsmtp-bench\r\n\r\n".to_vec();
+    let line =
+        b"The quick brown fox jumps over the lazy dog. 0123456789 abcdefghijklmnopqrstuvwxyz\r\n";
+    while body.len() < size {
+        let take = (size - body.len()).min(line.len());
+        body.extend_from_slice(&line[..take]);
+    }
+    if !body.ends_with(b"\r\n") {
+        body.truncate(body.len().saturating_sub(2));
+        body.extend_from_slice(b"\r\n");
+    }
+    body
+}
+
+async fn client(args: Args, stuffed: Arc<Vec<u8>>, shared: Arc<Shared>) -> ClientResult {
+    let mut res = ClientResult {
+        latencies_us: Vec::new(),
+        codes: BTreeMap::new(),
+        errors: 0,
+    };
+    let rcpts: Vec<String> = (0..args.recipients)
+        .map(|i| format!("sink{i}@example.net"))
+        .collect();
+    'conn: loop {
+        if shared.next.load(Ordering::Relaxed) >= args.messages {
+            return res;
+        }
+        let Ok((mut c, greeting)) = RawClient::connect(args.addr).await else {
+            res.errors += 1;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        if greeting.code != 220 || c.cmd("EHLO bench.test").await.map(|r| r.code).ok() != Some(250)
+        {
+            *res.codes.entry(greeting.code).or_default() += 1;
+            continue;
+        }
+        for _ in 0..args.per_connection {
+            if shared.next.fetch_add(1, Ordering::Relaxed) >= args.messages {
+                let _ = c.cmd("QUIT").await;
+                return res;
+            }
+            match one_message(&mut c, &args, &rcpts, &stuffed).await {
+                Ok((code, us)) => {
+                    *res.codes.entry(code).or_default() += 1;
+                    if let Some(us) = us {
+                        res.latencies_us.push(us);
+                    }
+                    shared.done.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(_) => {
+                    res.errors += 1;
+                    continue 'conn;
+                }
+            }
+        }
+        let _ = c.cmd("QUIT").await;
+    }
+}
+
+/// Sends one message; returns the final reply code and the end-of-DATA latency in µs.
+async fn one_message(
+    c: &mut RawClient,
+    args: &Args,
+    rcpts: &[String],
+    stuffed: &[u8],
+) -> Result<(u16, Option<u64>)> {
+    if args.pipelining {
+        let mut cmds = "MAIL FROM:<bench@example.org>\r\n".to_string();
+        for r in rcpts {
+            cmds.push_str(&format!("RCPT TO:<{r}>\r\n"));
+        }
+        cmds.push_str("DATA\r\n");
+        c.send(cmds.as_bytes()).await?;
+        let mut last = 0;
+        for _ in 0..rcpts.len() + 2 {
+            last = c.reply().await?.code;
+        }
+        if last != 354 {
+            return Ok((last, None));
+        }
+    } else {
+        let r = c.cmd("MAIL FROM:<bench@example.org>").await?;
+        if r.code != 250 {
+            return Ok((r.code, None));
+        }
+        for rcpt in rcpts {
+            let r = c.cmd(&format!("RCPT TO:<{rcpt}>")).await?;
+            if r.code != 250 {
+                return Ok((r.code, None));
+            }
+        }
+        let r = c.cmd("DATA").await?;
+        if r.code != 354 {
+            return Ok((r.code, None));
+        }
+    }
+    c.send(&stuffed[..stuffed.len() - 3]).await?;
+    let t = Instant::now();
+    c.send(b".\r\n").await?;
+    let r = c.reply().await?;
+    Ok((r.code, Some(t.elapsed().as_micros() as u64)))
+}
+
+/// utime + stime of a process in µs.
+fn proc_cpu_us(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("bad /proc stat")?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let utime: u64 = fields.get(11).context("no utime")?.parse()?;
+    let stime: u64 = fields.get(12).context("no stime")?.parse()?;
+    // USER_HZ is 100 on Linux.
+    Ok((utime + stime) * 10_000)
+}
+
+/// VmHWM (peak RSS) in KiB.
+fn proc_peak_rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .context("no VmHWM")?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .context("bad VmHWM")?
+        .parse()?)
+}

@@ -1,0 +1,236 @@
+//! Message-level failures against the real RabbitMQ: returns (unroutable), nacks (queue full with
+//! reject-publish) and outright refusals (over the broker's max_message_size).
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, ExchangeKind};
+use lsmtp_e2e::amqp::*;
+use lsmtpd::forward::config::PayloadFormat;
+use lsmtpd::forward::Forwarder;
+use lsmtpd::spool::{HoldReason, State};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unroutable_message_is_deferred_then_delivered_after_binding_and_retry() {
+    let vhost = Vhost::new();
+    let (_conn, ch) = vhost.admin().await;
+    ch.exchange_declare(
+        "mail".into(),
+        ExchangeKind::Direct,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let mut cfg = vhost.config(BROKER);
+    cfg.exchange = "mail".into();
+    cfg.routing_key = "in".into();
+    cfg.topology.declare = false;
+    cfg.retry.initial = Duration::from_secs(3600); // keep it deferred until retry()
+    cfg.retry.max = Duration::from_secs(3600);
+    let spool = spool();
+    // A batch, so that the return of one message rides on a multiple-ack with others.
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let m = message(i, &["r@test.example"]);
+        ids.push(m.id);
+        spool.accept(m).await.unwrap();
+    }
+    let token = CancellationToken::new();
+    let handle = Forwarder::spawn(Arc::new(cfg), spool.clone(), token.clone());
+    let deferred = || {
+        spool.list().unwrap().iter().all(|(r, leased)| {
+            !leased && matches!(r.state, State::Deferred { .. }) && r.attempts >= 1
+        })
+    };
+    assert!(
+        wait_for(Duration::from_secs(20), deferred).await,
+        "{:?}",
+        spool.list()
+    );
+    let rec = record(&spool, ids[0]).unwrap();
+    let err = rec.last_error.unwrap();
+    assert!(err.contains("returned by broker: 312 NO_ROUTE"), "{err}");
+    assert_eq!(handle.status().confirmed, 0);
+    assert_eq!(spool.list().unwrap().len(), 20);
+
+    declare_queue(&ch, "inbox", FieldTable::default()).await;
+    ch.queue_bind(
+        "inbox".into(),
+        "mail".into(),
+        "in".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    for id in &ids {
+        spool.retry(*id).await.unwrap();
+    }
+    assert!(wait_for(Duration::from_secs(20), || spool.list().unwrap().is_empty()).await);
+    let got = consume(&ch, "inbox", 20, Duration::from_secs(5)).await;
+    assert_eq!(tally(&got).len(), 20);
+    token.cancel();
+    handle.join(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nacked_message_is_deferred_then_delivered_after_the_queue_drains() {
+    let vhost = Vhost::new();
+    let (_conn, ch) = vhost.admin().await;
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    declare_queue(&ch, "full", args).await;
+    // Fill it.
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    ch.basic_publish(
+        "".into(),
+        "full".into(),
+        BasicPublishOptions::default(),
+        b"filler",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let mut cfg = vhost.config(BROKER);
+    cfg.routing_key = "full".into();
+    cfg.topology.declare = false;
+    cfg.retry.initial = Duration::from_millis(200);
+    cfg.retry.max = Duration::from_millis(400);
+    let spool = spool();
+    let m = message(3, &["r@test.example"]);
+    let id = m.id;
+    spool.accept(m).await.unwrap();
+    let token = CancellationToken::new();
+    let handle = Forwarder::spawn(Arc::new(cfg), spool.clone(), token.clone());
+    assert!(
+        wait_for(Duration::from_secs(20), || record(&spool, id).is_some_and(
+            |r| r.attempts >= 2 && matches!(r.state, State::Deferred { .. })
+        ))
+        .await
+    );
+    let rec = record(&spool, id).unwrap();
+    assert_eq!(rec.last_error.as_deref(), Some("nacked by broker"));
+    assert!(handle.status().nacked >= 2);
+    // Drain the filler; the next retry gets in.
+    let filler = consume(&ch, "full", 1, Duration::from_secs(5)).await;
+    assert_eq!(filler[0].data, b"filler");
+    assert!(wait_for(Duration::from_secs(20), || spool.list().unwrap().is_empty()).await);
+    let got = consume(&ch, "full", 1, Duration::from_secs(5)).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        got[0].properties.message_id().as_ref().unwrap().to_string(),
+        id.to_string()
+    );
+    token.cancel();
+    handle.join(Duration::from_secs(5)).await;
+}
+
+/// RabbitMQ's `max_message_size` is global, so the test does not lower it: it sends one body
+/// just over the configured limit (128 MiB by default) between two small ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_message_is_held_as_refused_and_its_neighbours_are_delivered() {
+    init_tracing();
+    let limit = broker_max_message_size();
+    if limit > 256 * 1024 * 1024 {
+        println!("skipped: broker max_message_size {limit} is too large to exceed in a test");
+        return;
+    }
+    let vhost = Vhost::new();
+    let mut cfg = vhost.config(BROKER);
+    cfg.payload = PayloadFormat::Raw;
+    cfg.confirm_timeout = Duration::from_secs(60);
+    let spool = spool();
+    // Small messages on both sides of the big one, all in one window: the channel close hits
+    // them all, and only the big one may be held.
+    let mut small = Vec::new();
+    let mut b = None;
+    for i in 0..21 {
+        let mut m = message(i, &["r@test.example"]);
+        if i == 10 {
+            m.body = Bytes::from(vec![b'a'; limit + 1]);
+            b = Some(m.id);
+        } else {
+            small.push(m.id);
+        }
+        spool.accept(m).await.unwrap();
+    }
+    let b = b.unwrap();
+    let token = CancellationToken::new();
+    let handle = Forwarder::spawn(Arc::new(cfg), spool.clone(), token.clone());
+    assert!(
+        wait_for(Duration::from_secs(60), || spool.list().unwrap().len() == 1
+            && record(&spool, b)
+                .is_some_and(|r| matches!(r.state, State::Held { .. })))
+        .await,
+        "{:?} {:?}",
+        spool
+            .list()
+            .unwrap()
+            .iter()
+            .map(|(r, l)| (r.id, r.state, r.attempts, r.last_error.clone(), *l))
+            .collect::<Vec<_>>(),
+        handle.status()
+    );
+    let rec = record(&spool, b).unwrap();
+    assert!(
+        matches!(
+            rec.state,
+            State::Held {
+                reason: HoldReason::Refused,
+                ..
+            }
+        ),
+        "{rec:?}"
+    );
+    let err = rec.last_error.unwrap();
+    assert!(err.contains("larger than configured max size"), "{err}");
+    let (_conn, ch) = vhost.admin().await;
+    let got = consume(&ch, "lsmtpd", 40, Duration::from_secs(3)).await;
+    let seen = tally(&got);
+    let lost = small
+        .iter()
+        .filter(|id| !seen.contains_key(&id.to_string()))
+        .count();
+    println!(
+        "oversize: consumed {} distinct {} lost {lost}",
+        got.len(),
+        seen.len()
+    );
+    assert_eq!(lost, 0);
+    assert!(!seen.contains_key(&b.to_string()));
+    assert_eq!(handle.status().refused, 1);
+    token.cancel();
+    handle.join(Duration::from_secs(5)).await;
+}
+
+fn broker_max_message_size() -> usize {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["eval", "application:get_env(rabbit, max_message_size)."])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim()
+        .trim_start_matches("{ok,")
+        .trim_end_matches('}')
+        .parse()
+        .unwrap_or(usize::MAX)
+}

@@ -1,0 +1,264 @@
+//! SMTP in, RabbitMQ out, through the real binary: every 250 reaches the broker at least once,
+//! across SIGKILL and broker outages.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lsmtp_e2e::amqp::{consume, declare_queue, tally, Mode, Proxy, Vhost};
+use lsmtp_e2e::*;
+
+/// The `amqp:` section for a test vhost, with short timings.
+fn amqp_section(vhost: &Vhost, node: &str) -> String {
+    format!(
+        "(nodes: [{node:?}], vhost: {vhost:?}, routing_key: \"mail\", heartbeat: \"2s\", connect_timeout: \"2s\", \
+         reconnect: (initial: \"100ms\", max: \"500ms\"), retry: (initial: \"100ms\", max: \"300ms\", max_attempts: 1000, max_age: \"1h\"))",
+        vhost = vhost.name
+    )
+}
+
+#[test]
+fn every_smtp_message_reaches_the_broker_once_with_the_original_fields() {
+    let vhost = Vhost::new();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = test_config(
+        dir.path(),
+        "",
+        Some(&amqp_section(&vhost, "127.0.0.1:5672")),
+    );
+    let d = Lsmtpd::start(dir.path(), &cfg, &[]).unwrap();
+    let addr = d.addr;
+    let sent: HashMap<String, Vec<u8>> = block_on(async move {
+        let mut tasks = Vec::new();
+        for client in 0..5 {
+            tasks.push(tokio::spawn(async move {
+                let (mut c, _) = RawClient::connect(addr).await.unwrap();
+                c.cmd("EHLO relay.test").await.unwrap();
+                let mut sent = Vec::new();
+                for n in 0..20 {
+                    let mut body =
+                        format!("Subject: c{client} n{n}\r\n\r\nhello {n}\r\n").into_bytes();
+                    if n % 5 == 0 {
+                        body.extend_from_slice(b"not utf-8: \xff\xfe\r\n");
+                    }
+                    let r = c
+                        .send_message("from@example.org", &["to@example.net"], &stuff(&body))
+                        .await
+                        .unwrap();
+                    assert_eq!(r.code, 250, "{r:?}");
+                    sent.push((queued_id(&r).unwrap(), body));
+                }
+                sent
+            }));
+        }
+        let mut all = HashMap::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        all
+    });
+    assert_eq!(sent.len(), 100);
+    let got = block_on(async {
+        let (_conn, ch) = vhost.admin().await;
+        consume(&ch, "mail", 100, Duration::from_secs(60)).await
+    });
+    let counts = tally(&got);
+    assert_eq!(counts.len(), 100, "distinct message ids at the broker");
+    assert!(
+        counts.values().all(|&n| n == 1),
+        "duplicates without any fault: {counts:?}"
+    );
+    for delivery in &got {
+        let props = &delivery.properties;
+        assert_eq!(props.delivery_mode(), &Some(2), "persistent");
+        assert_eq!(props.app_id().as_ref().map(|s| s.as_str()), Some("lsmtpd"));
+        assert!(props.timestamp().is_some());
+        let id = props.message_id().as_ref().unwrap().to_string();
+        let json: serde_json::Value = serde_json::from_slice(&delivery.data).unwrap();
+        for field in [
+            "timestamp",
+            "message_id",
+            "client_address",
+            "recipients",
+            "email_content",
+            "sender",
+        ] {
+            assert!(json.get(field).is_some(), "{field} missing in {json}");
+        }
+        assert_eq!(json["message_id"], id.as_str());
+        assert_eq!(json["sender"], "from@example.org");
+        assert_eq!(json["recipients"], serde_json::json!(["to@example.net"]));
+        assert_eq!(json["client_address"], "127.0.0.1");
+        let content = match json.get("content_encoding").and_then(|e| e.as_str()) {
+            Some("base64") => {
+                use base64::Engine as _;
+                base64::engine::general_purpose::STANDARD
+                    .decode(json["email_content"].as_str().unwrap())
+                    .unwrap()
+            }
+            None => json["email_content"].as_str().unwrap().as_bytes().to_vec(),
+            Some(other) => panic!("unknown encoding {other}"),
+        };
+        let body = strip_received(&content).expect("Received: header first");
+        assert_eq!(body, &sent[&id][..], "content of {id} differs");
+    }
+    let status = d.terminate().unwrap();
+    assert!(status.success());
+    let left = spool_contents(&dir.path().join("spool")).unwrap();
+    assert!(
+        left.is_empty(),
+        "{} messages left in the spool after confirms",
+        left.len()
+    );
+}
+
+/// lsmtpd is SIGKILLed at several moments while clients send and the forwarder publishes, and
+/// restarted on the same spool each time. Every message that got 250 is at the broker at least
+/// once in the end; the duplicate count is printed.
+#[test]
+fn sigkill_while_sending_and_publishing_loses_nothing() {
+    let vhost = Vhost::new();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = test_config(
+        dir.path(),
+        "",
+        Some(&amqp_section(&vhost, "127.0.0.1:5672")),
+    );
+    let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
+    for round in 0..4usize {
+        let d = Lsmtpd::start(dir.path(), &cfg, &[]).unwrap();
+        let addr = d.addr;
+        let acked_round = Arc::clone(&acked);
+        // Kill after a different number of acknowledgements each round.
+        let kill_after = [30usize, 7, 55, 18][round];
+        block_on(async move {
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+            let mut tasks = Vec::new();
+            for client in 0..6 {
+                let acked = Arc::clone(&acked_round);
+                let tx = tx.clone();
+                tasks.push(tokio::spawn(async move {
+                    let Ok((mut c, _)) = RawClient::connect(addr).await else {
+                        return;
+                    };
+                    if c.cmd("EHLO kill.test").await.is_err() {
+                        return;
+                    }
+                    let mut mine = 0;
+                    for n in 0.. {
+                        let body = format!(
+                            "Subject: r{round} c{client} n{n}\r\n\r\n{}",
+                            format!("{}\r\n", "k".repeat(98)).repeat(20)
+                        );
+                        match c
+                            .send_message(
+                                "k@example.org",
+                                &["r@example.net"],
+                                &stuff(body.as_bytes()),
+                            )
+                            .await
+                        {
+                            Ok(r) if r.code == 250 => {
+                                acked.lock().unwrap().insert(queued_id(&r).unwrap());
+                                mine += 1;
+                                if mine * 6 >= kill_after {
+                                    let _ = tx.try_send(());
+                                }
+                            }
+                            Ok(r) => panic!("unexpected reply {r:?}"),
+                            Err(_) => return,
+                        }
+                    }
+                }));
+            }
+            drop(tx);
+            rx.recv().await;
+            d.kill9().unwrap();
+            for t in tasks {
+                t.await.unwrap();
+            }
+        });
+    }
+    // A last run drains the spool.
+    let d = Lsmtpd::start(dir.path(), &cfg, &[]).unwrap();
+    let acked = acked.lock().unwrap().clone();
+    let got = block_on(async {
+        let (_conn, ch) = vhost.admin().await;
+        let mut got = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            got.extend(consume(&ch, "mail", usize::MAX, Duration::from_millis(500)).await);
+            let ids = tally(&got);
+            if acked.iter().all(|id| ids.contains_key(id)) || std::time::Instant::now() > deadline {
+                break;
+            }
+        }
+        got
+    });
+    let status = d.terminate().unwrap();
+    assert!(status.success());
+    // Nothing publishes any more: whatever is still in the queue is counted too.
+    let got = {
+        let mut got = got;
+        got.extend(block_on(async {
+            let (_conn, ch) = vhost.admin().await;
+            consume(&ch, "mail", usize::MAX, Duration::from_millis(500)).await
+        }));
+        got
+    };
+    let ids = tally(&got);
+    let lost: Vec<_> = acked.iter().filter(|id| !ids.contains_key(*id)).collect();
+    let duplicates: usize = ids.values().map(|n| n - 1).sum();
+    eprintln!(
+        "acknowledged {}, at the broker {} distinct ({} without a 250 before the kill), duplicates {duplicates}, lost {}",
+        acked.len(),
+        ids.len(),
+        ids.keys().filter(|id| !acked.contains(*id)).count(),
+        lost.len()
+    );
+    assert!(acked.len() >= 80, "only {} acknowledged", acked.len());
+    assert!(
+        lost.is_empty(),
+        "lost {} acknowledged messages: {lost:?}",
+        lost.len()
+    );
+    let left = spool_contents(&dir.path().join("spool")).unwrap();
+    assert!(left.is_empty(), "{} messages left in the spool", left.len());
+}
+
+/// With the broker unreachable the daemon still takes mail (250 = on disk); when the broker
+/// comes back the forwarder catches up.
+#[test]
+fn mail_is_accepted_while_the_broker_is_down_and_delivered_when_it_returns() {
+    let vhost = Vhost::new();
+    let dir = tempfile::tempdir().unwrap();
+    block_on(async {
+        let proxy = Proxy::start(Mode::Refuse).await;
+        let cfg = test_config(dir.path(), "", Some(&amqp_section(&vhost, &proxy.node())));
+        let d = Lsmtpd::start(dir.path(), &cfg, &[]).unwrap();
+        let (mut c, _) = RawClient::connect(d.addr).await.unwrap();
+        c.cmd("EHLO down.test").await.unwrap();
+        let mut ids = HashSet::new();
+        for n in 0..30 {
+            let r = c
+                .send_message(
+                    "a@example.org",
+                    &["b@example.net"],
+                    &stuff(format!("n{n}\r\n").as_bytes()),
+                )
+                .await
+                .unwrap();
+            assert_eq!(r.code, 250, "{r:?}");
+            ids.insert(queued_id(&r).unwrap());
+        }
+        let (_conn, ch) = vhost.admin().await;
+        // Declared as the daemon declares it (durable classic), so the consumer can start first.
+        declare_queue(&ch, "mail", Default::default()).await;
+        proxy.set_mode(Mode::Pass);
+        let got = consume(&ch, "mail", 30, Duration::from_secs(60)).await;
+        let counts = tally(&got);
+        assert_eq!(counts.keys().cloned().collect::<HashSet<_>>(), ids);
+        let status = d.terminate().unwrap();
+        assert!(status.success());
+    });
+}
