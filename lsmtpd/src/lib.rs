@@ -140,10 +140,15 @@ impl Daemon {
         }
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         self.forwarder.join(left).await;
-        self.spool
-            .flush()
-            .await
-            .context("final spool flush failed")?;
+        // A flush cannot lose acknowledged mail (that was fsynced before its 250); bound it so a
+        // sled stuck on a failed disk cannot keep the process from exiting.
+        let flush_limit = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .max(Duration::from_secs(5));
+        match tokio::time::timeout(flush_limit, self.spool.flush()).await {
+            Ok(result) => result.context("final spool flush failed")?,
+            Err(_) => anyhow::bail!("final spool flush did not finish within {flush_limit:?}"),
+        }
         info!("shutdown_complete");
         if sessions_done {
             Ok(())

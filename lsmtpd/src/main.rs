@@ -8,6 +8,9 @@ use clap::Parser;
 use lsmtpd::config::{Config, Problem, EXIT_CONFIG};
 use lsmtpd::Daemon;
 use tokio_util::sync::CancellationToken;
+
+/// Exit code after the spool refused writes (`EX_IOERR` from sysexits.h).
+const EXIT_SPOOL_FAILED: i32 = 74;
 use tracing::{error, info};
 
 /// SMTP ingest daemon: spools every message durably, then relays it to an AMQP broker.
@@ -91,7 +94,18 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let token = CancellationToken::new();
     let daemon = Daemon::start(config, token.clone()).await?;
     info!(version = env!("CARGO_PKG_VERSION"), "lsmtpd_ready");
-    wait_for_signal().await?;
+    let spool = daemon.spool().clone();
+    tokio::select! {
+        signal = wait_for_signal() => signal?,
+        _ = spool.poisoned() => {
+            // sled cannot write again after a failed write, and tearing it down can hang in its
+            // own flush, so this is the one path that exits without a graceful shutdown. It is as
+            // safe as a crash, which the spool is built for: every 250 was fsynced first, and
+            // anything unconfirmed at the broker is still spooled and is sent after the restart.
+            error!("spool_failed: exiting for the service manager to restart lsmtpd");
+            std::process::exit(EXIT_SPOOL_FAILED);
+        }
+    }
     info!("shutdown_requested");
     token.cancel();
     daemon.join(grace).await

@@ -140,6 +140,26 @@ impl Lsmtpd {
         Ok(())
     }
 
+    /// Waits (up to `limit`) for the process to exit on its own.
+    pub fn wait_exit(mut self, limit: Duration) -> Result<ExitStatus> {
+        let mut child = self.child.take().context("already reaped")?;
+        let pid = child.id();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        match rx.recv_timeout(limit) {
+            Ok(status) => Ok(status?),
+            Err(_) => {
+                let _ = signal(pid, libc::SIGKILL);
+                bail!(
+                    "lsmtpd did not exit within {limit:?}; log:\n{}",
+                    self.log_text()
+                )
+            }
+        }
+    }
+
     /// SIGTERM, then waits (up to 60 s) for the exit, which a waiter thread reports.
     pub fn terminate(mut self) -> Result<ExitStatus> {
         let mut child = self.child.take().context("already reaped")?;

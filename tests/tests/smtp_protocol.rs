@@ -388,3 +388,48 @@ fn sigterm_sends_421_to_idle_sessions_and_exits_zero() {
     let stored = stop_and_read(d, dir.path());
     assert_eq!(stored.len(), 1);
 }
+
+/// A DATA transfer under way when SIGTERM arrives still completes with 250 (within the grace
+/// period); the session then gets 421 and the daemon exits 0 with the message spooled.
+#[test]
+fn sigterm_lets_a_data_transfer_in_progress_finish_with_250() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(dir.path(), "");
+    let pid = d.pid();
+    let addr = d.addr;
+    block_on(async {
+        let (mut c, _) = RawClient::connect(addr).await.unwrap();
+        c.cmd("EHLO client.test").await.unwrap();
+        c.cmd("MAIL FROM:<a@example.org>").await.unwrap();
+        c.cmd("RCPT TO:<b@example.net>").await.unwrap();
+        assert_eq!(c.cmd("DATA").await.unwrap().code, 354);
+        c.send(b"Subject: in flight\r\n\r\nfirst half\r\n")
+            .await
+            .unwrap();
+        std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+        // The listener closing is the visible sign that the daemon is shutting down.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(addr).await.is_ok() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "listener never closed"
+            );
+            tokio::task::yield_now().await;
+        }
+        c.send(b"second half\r\n.\r\n").await.unwrap();
+        let r = c.reply().await.unwrap();
+        assert_eq!(r.code, 250, "{r:?}");
+        let r = c.reply().await.unwrap();
+        assert_eq!(r.code, 421, "{r:?}");
+    });
+    let stored = stop_and_read(d, dir.path());
+    assert_eq!(stored.len(), 1);
+    assert_eq!(
+        strip_received(&stored[0].1).unwrap(),
+        b"Subject: in flight\r\n\r\nfirst half\r\nsecond half\r\n"
+    );
+}

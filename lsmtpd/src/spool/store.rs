@@ -47,6 +47,8 @@ struct Inner {
     /// The first failed sled write. sled 0.34 keeps failing (or hangs in flush) after one, so
     /// later writes fail fast with this until the process reopens the database.
     poisoned: Mutex<Option<String>>,
+    /// Cancelled when `poisoned` is first set, so the daemon can await it.
+    poisoned_signal: tokio_util::sync::CancellationToken,
     flusher: GroupCommit,
     _lock: File,
 }
@@ -254,6 +256,7 @@ impl Spool {
                 mem: Mutex::new(mem),
                 doorbell: Arc::new(Notify::new()),
                 poisoned: Mutex::new(None),
+                poisoned_signal: tokio_util::sync::CancellationToken::new(),
                 flusher,
                 _lock: lock,
             }),
@@ -932,6 +935,7 @@ impl Spool {
                      restart lsmtpd once the cause (e.g. a full disk) is fixed"
                 );
                 *poisoned = Some(io.to_string());
+                self.inner.poisoned_signal.cancel();
             }
         }
         e
@@ -964,6 +968,15 @@ impl Spool {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .is_some()
+    }
+
+    /// Completes once the spool is poisoned (see [`Spool::is_poisoned`]): the daemon then shuts
+    /// down so that its service manager restarts it and the reopened database recovers.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: it only waits.
+    pub async fn poisoned(&self) {
+        self.inner.poisoned_signal.cancelled().await
     }
 
     /// Direct sled handle for tests that corrupt data on disk.
