@@ -1,6 +1,8 @@
 //! The binary's command line, configuration errors (exit 78), environment overrides, and the
 //! spool lock.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::process::Command;
 
 use lsmtp_e2e::*;

@@ -1,5 +1,7 @@
 //! Real SMTP client libraries against the real binary: Rust's lettre and Python's smtplib.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use lettre::message::{header::ContentType, Mailbox};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use lsmtp_e2e::*;

@@ -1,6 +1,8 @@
 //! A spool on a small filesystem fills up: clients get 4xx, never 250; what was spooled stays
 //! intact; acceptance resumes once space is freed. Needs root (it mounts a tmpfs).
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,5 +1,7 @@
 //! Many clients at once, and SIGKILL while they send: every 250 survives.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 

@@ -1,6 +1,8 @@
 //! SMTP in, RabbitMQ out, through the real binary: every 250 reaches the broker at least once,
 //! across SIGKILL and broker outages.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

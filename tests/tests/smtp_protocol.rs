@@ -1,6 +1,8 @@
 //! The SMTP dialogue with the real binary, byte by byte: sequencing, limits, pipelining,
 //! dot-stuffing, smuggling, BDAT, timeouts, connection limits and shutdown.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use lsmtp_e2e::*;
 
 fn start(dir: &std::path::Path, smtp_extra: &str) -> Lsmtpd {
