@@ -50,15 +50,6 @@ impl Daemon {
             .await
             .context("spool open task failed")?
             .with_context(|| format!("cannot open the spool in {}", config.spool.dir.display()))?;
-        let stats = spool.stats();
-        info!(
-            dir = %config.spool.dir.display(),
-            queued = stats.queued,
-            deferred = stats.deferred,
-            held = stats.held,
-            bytes = stats.bytes,
-            "spool_opened"
-        );
 
         let metrics = Arc::new(Metrics::default());
         let budget = usize::try_from(config.smtp.memory_budget_bytes)

@@ -361,6 +361,14 @@ impl Forwarder {
             let blocked = conn.status().blocked();
             self.shared.blocked.store(blocked, Ordering::Relaxed);
             if stopping && self.inflight.is_empty() {
+                // Close the channel before the caller closes the connection; closing the
+                // connection under a channel that is still open makes lapin log a spurious
+                // "Connection error" at error level on every clean shutdown.
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    channel.close(200, "lsmtpd forwarder stopping".into()),
+                )
+                .await;
                 return SessionEnd::Shutdown;
             }
             let room = self.window().saturating_sub(self.inflight.len());

@@ -375,6 +375,10 @@ where
             self.state.refuse_bdat(Reply::message_too_big());
         }
         let keep = self.state.bdat_refusal().is_none();
+        if !keep {
+            // The message is refused already: free what its earlier chunks hold.
+            body.give_up();
+        }
         let Some(()) = self.copy_chunk(size, keep.then_some(&mut body)).await? else {
             return Ok(false);
         };

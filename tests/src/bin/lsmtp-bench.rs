@@ -45,6 +45,16 @@ struct Args {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also consume from RabbitMQ (this AMQP URI) and report the end-to-end rate until every
+    /// accepted message arrived, plus lost and duplicates. Needs --queue.
+    #[arg(long, requires = "queue")]
+    amqp: Option<String>,
+    /// The queue the daemon publishes to (it must exist and be empty when the run starts).
+    #[arg(long)]
+    queue: Option<String>,
+    /// How long to wait for the last message at the broker.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    amqp_timeout: Duration,
 }
 
 #[derive(Default)]
@@ -54,6 +64,7 @@ struct Shared {
 }
 
 struct ClientResult {
+    ids: Vec<String>,
     latencies_us: Vec<u64>,
     codes: BTreeMap<u16, u64>,
     errors: u64,
@@ -69,6 +80,10 @@ async fn main() -> Result<()> {
     let stuffed = Arc::new(stuff(&body));
     let shared = Arc::new(Shared::default());
     let cpu_before = args.pid.map(proc_cpu_us).transpose()?;
+    let consumer = match (&args.amqp, &args.queue) {
+        (Some(uri), Some(queue)) => Some(start_consumer(uri, queue).await?),
+        _ => None,
+    };
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..args.clients {
@@ -82,8 +97,10 @@ async fn main() -> Result<()> {
     let mut latencies = Vec::new();
     let mut codes: BTreeMap<u16, u64> = BTreeMap::new();
     let mut errors = 0;
+    let mut ids = Vec::new();
     for t in tasks {
         let r = t.await.context("client task")?;
+        ids.extend(r.ids);
         latencies.extend(r.latencies_us);
         for (c, n) in r.codes {
             *codes.entry(c).or_default() += n;
@@ -91,6 +108,10 @@ async fn main() -> Result<()> {
         errors += r.errors;
     }
     let elapsed = started.elapsed();
+    let e2e = match consumer {
+        Some(rx) => Some(wait_for_broker(rx, &ids, started, args.amqp_timeout).await),
+        None => None,
+    };
     latencies.sort_unstable();
     let accepted = codes.get(&250).copied().unwrap_or(0);
     let rate = accepted as f64 / elapsed.as_secs_f64();
@@ -119,6 +140,11 @@ async fn main() -> Result<()> {
             "latency_ms": {"p50": pct(0.50), "p99": pct(0.99), "p999": pct(0.999), "max": pct(1.0)},
             "replies": codes, "connection_errors": errors,
             "daemon_peak_rss_kib": rss, "daemon_cpu_us_per_msg": cpu_per_msg,
+            "end_to_end": e2e.as_ref().map(|e| serde_json::json!({
+                "elapsed_s": e.elapsed.as_secs_f64(),
+                "per_s": e.arrived as f64 / e.elapsed.as_secs_f64(),
+                "arrived": e.arrived, "lost": e.lost, "duplicates": e.duplicates,
+            })),
         });
         println!("{v}");
     } else {
@@ -136,6 +162,16 @@ async fn main() -> Result<()> {
             pct(1.0)
         );
         println!("replies            {codes:?}  connection errors {errors}");
+        if let Some(e) = &e2e {
+            println!(
+                "end-to-end         {} at the broker in {:.3} s ({:.0} msg/s)  lost {}  duplicates {}",
+                e.arrived,
+                e.elapsed.as_secs_f64(),
+                e.arrived as f64 / e.elapsed.as_secs_f64(),
+                e.lost,
+                e.duplicates
+            );
+        }
         if let (Some(rss), Some(cpu)) = (rss, cpu_per_msg) {
             println!(
                 "daemon             peak RSS {:.1} MiB  CPU {cpu:.0} µs/msg",
@@ -144,6 +180,92 @@ async fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// What the broker side saw.
+struct EndToEnd {
+    elapsed: Duration,
+    arrived: usize,
+    lost: usize,
+    duplicates: usize,
+}
+
+/// Consumes `queue` (auto-ack) and forwards each message id with its arrival time.
+async fn start_consumer(
+    uri: &str,
+    queue: &str,
+) -> Result<tokio::sync::mpsc::UnboundedReceiver<(String, Instant)>> {
+    use futures_util::StreamExt;
+    use lapin::options::BasicConsumeOptions;
+    let conn = lapin::Connection::connect(uri, lapin::ConnectionProperties::default())
+        .await
+        .with_context(|| format!("cannot connect to {uri}"))?;
+    let ch = conn.create_channel().await?;
+    let mut consumer = ch
+        .basic_consume(
+            queue.into(),
+            "lsmtp-bench".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .with_context(|| format!("cannot consume from {queue}"))?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let _keep = (conn, ch);
+        while let Some(Ok(delivery)) = consumer.next().await {
+            let id = delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            if tx.send((id, Instant::now())).is_err() {
+                break;
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// Waits until every accepted id arrived (or the timeout), then counts lost and duplicates.
+async fn wait_for_broker(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<(String, Instant)>,
+    ids: &[String],
+    started: Instant,
+    timeout: Duration,
+) -> EndToEnd {
+    let want: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
+    let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    let mut found = 0;
+    let mut last = started;
+    let deadline = tokio::time::Instant::now() + timeout;
+    while found < want.len() {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some((id, at))) => {
+                let n = seen.entry(id.clone()).or_default();
+                *n += 1;
+                if *n == 1 && want.contains(id.as_str()) {
+                    found += 1;
+                    last = at;
+                }
+            }
+            _ => break,
+        }
+    }
+    // Late duplicates: whatever else arrives shortly after.
+    while let Ok(Some((id, _))) = tokio::time::timeout(Duration::from_millis(500), rx.recv()).await {
+        *seen.entry(id).or_default() += 1;
+    }
+    EndToEnd {
+        elapsed: last.duration_since(started),
+        arrived: found,
+        lost: want.len() - found,
+        duplicates: seen.values().map(|n| n - 1).sum(),
+    }
 }
 
 fn make_body(size: usize) -> Vec<u8> {
@@ -164,6 +286,7 @@ fn make_body(size: usize) -> Vec<u8> {
 
 async fn client(args: Args, stuffed: Arc<Vec<u8>>, shared: Arc<Shared>) -> ClientResult {
     let mut res = ClientResult {
+        ids: Vec::new(),
         latencies_us: Vec::new(),
         codes: BTreeMap::new(),
         errors: 0,
@@ -191,8 +314,9 @@ async fn client(args: Args, stuffed: Arc<Vec<u8>>, shared: Arc<Shared>) -> Clien
                 return res;
             }
             match one_message(&mut c, &args, &rcpts, &stuffed).await {
-                Ok((code, us)) => {
+                Ok((code, us, id)) => {
                     *res.codes.entry(code).or_default() += 1;
+                    res.ids.extend(id);
                     if let Some(us) = us {
                         res.latencies_us.push(us);
                     }
@@ -214,7 +338,7 @@ async fn one_message(
     args: &Args,
     rcpts: &[String],
     stuffed: &[u8],
-) -> Result<(u16, Option<u64>)> {
+) -> Result<(u16, Option<u64>, Option<String>)> {
     if args.pipelining {
         let mut cmds = "MAIL FROM:<bench@example.org>\r\n".to_string();
         for r in rcpts {
@@ -227,29 +351,30 @@ async fn one_message(
             last = c.reply().await?.code;
         }
         if last != 354 {
-            return Ok((last, None));
+            return Ok((last, None, None));
         }
     } else {
         let r = c.cmd("MAIL FROM:<bench@example.org>").await?;
         if r.code != 250 {
-            return Ok((r.code, None));
+            return Ok((r.code, None, None));
         }
         for rcpt in rcpts {
             let r = c.cmd(&format!("RCPT TO:<{rcpt}>")).await?;
             if r.code != 250 {
-                return Ok((r.code, None));
+                return Ok((r.code, None, None));
             }
         }
         let r = c.cmd("DATA").await?;
         if r.code != 354 {
-            return Ok((r.code, None));
+            return Ok((r.code, None, None));
         }
     }
     c.send(&stuffed[..stuffed.len() - 3]).await?;
     let t = Instant::now();
     c.send(b".\r\n").await?;
     let r = c.reply().await?;
-    Ok((r.code, Some(t.elapsed().as_micros() as u64)))
+    let us = t.elapsed().as_micros() as u64;
+    Ok((r.code, Some(us), lsmtp_e2e::queued_id(&r)))
 }
 
 /// utime + stime of a process in µs.
