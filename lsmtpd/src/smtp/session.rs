@@ -215,10 +215,23 @@ where
         }
     }
 
+    /// Writes the buffered replies. A client that stops reading is given `command_timeout`
+    /// before the connection is dropped, so it cannot hold a session forever.
     async fn flush(&mut self) -> Result<(), SessionError> {
         if !self.out.is_empty() {
-            self.stream.write_all(&self.out).await?;
-            self.stream.flush().await?;
+            let write = async {
+                self.stream.write_all(&self.out).await?;
+                self.stream.flush().await
+            };
+            match tokio::time::timeout(self.ctx.config.command_timeout, write).await {
+                Ok(result) => result?,
+                Err(_) => {
+                    return Err(SessionError::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "client did not read our replies",
+                    )))
+                }
+            }
             self.out.clear();
         }
         Ok(())
