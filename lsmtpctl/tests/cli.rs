@@ -1,4 +1,5 @@
 //! The binary without a daemon: exit codes, offline spool reading, generated docs.
+#![allow(clippy::unwrap_used)]
 
 use std::process::{Command, Output};
 

@@ -1,5 +1,6 @@
 //! Golden output of the renderers (fixed data and a fixed clock). `UPDATE_GOLDEN=1 cargo test -p
 //! lsmtpctl --test golden` rewrites the files; review the diff.
+#![allow(clippy::unwrap_used)]
 
 use lsmtp_shared::admin::*;
 use lsmtp_shared::MessageId;
