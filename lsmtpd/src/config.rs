@@ -126,12 +126,16 @@ impl Default for SpoolConfig {
 pub struct AdminConfig {
     /// Unix socket path. Default `./lsmtpd.sock`, or `$RUNTIME_DIRECTORY/lsmtpd.sock` under systemd.
     pub socket: PathBuf,
+    /// Members of this group may use the socket (it is created with this group and mode 0660),
+    /// besides root and the daemon's own user. `None`: only those two.
+    pub group: Option<String>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             socket: PathBuf::from("./lsmtpd.sock"),
+            group: None,
         }
     }
 }
@@ -464,6 +468,12 @@ impl Config {
         }
         if self.admin.socket.as_os_str().is_empty() {
             p.push(problem("admin.socket", "must not be empty"));
+        }
+        if self.admin.group.as_deref().is_some_and(str::is_empty) {
+            p.push(problem(
+                "admin.group",
+                "must not be empty (use None for no group)",
+            ));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             p.push(problem(

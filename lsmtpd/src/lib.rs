@@ -5,8 +5,10 @@
 //! `forward` (AMQP). See DESIGN.md in the team folder and the README.
 //!
 //! [`Daemon::start`] builds everything from a [`config::Config`] and a cancellation token and
-//! returns once the listeners are bound; [`Daemon::join`] runs the graceful shutdown.
+//! returns once the listeners and the admin socket are bound; [`Daemon::join`] runs the
+//! graceful shutdown.
 
+pub mod admin;
 pub mod config;
 pub mod forward;
 pub mod metrics;
@@ -24,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::admin::{AdminHandle, AdminListener};
 use crate::config::Config;
 use crate::forward::{Forwarder, ForwarderHandle};
 use crate::metrics::Metrics;
@@ -39,17 +42,21 @@ pub struct Daemon {
     forwarder: ForwarderHandle,
     listeners: TaskTracker,
     sessions: TaskTracker,
+    admin: AdminHandle,
 }
 
 impl Daemon {
-    /// Opens the spool, binds the listeners and starts the forwarder. Returns once every listener
-    /// is bound, so a caller (a test, systemd's notify) knows the daemon is ready.
+    /// Opens the spool, binds the admin socket and the listeners, and starts the forwarder and
+    /// the admin server. Returns once every listener is bound, so a caller (a test, systemd's
+    /// notify) knows the daemon is ready.
     pub async fn start(config: Config, token: CancellationToken) -> anyhow::Result<Daemon> {
         let spool_cfg = config.spool.clone();
         let spool = tokio::task::spawn_blocking(move || Spool::open(&spool_cfg))
             .await
             .context("spool open task failed")?
             .with_context(|| format!("cannot open the spool in {}", config.spool.dir.display()))?;
+        let started_at_ms = spool::now_ms();
+        let admin_listener = AdminListener::bind(&config.admin).await?;
 
         let metrics = Arc::new(Metrics::default());
         let budget = usize::try_from(config.smtp.memory_budget_bytes)
@@ -84,7 +91,21 @@ impl Daemon {
         }
         listeners.close();
 
-        let forwarder = Forwarder::spawn(Arc::new(config.amqp.clone()), spool.clone(), token);
+        let forwarder =
+            Forwarder::spawn(Arc::new(config.amqp.clone()), spool.clone(), token.clone());
+        let admin = admin_listener.start(
+            Arc::new(admin::Context {
+                spool: spool.clone(),
+                broker: forwarder.status_view(),
+                metrics: Arc::clone(&metrics),
+                started_at_ms,
+                smtp_listeners: smtp_addrs.iter().map(ToString::to_string).collect(),
+                broker_nodes: config.amqp.nodes.clone(),
+                socket: config.admin.socket.clone(),
+                samples: Default::default(),
+            }),
+            token,
+        );
         Ok(Daemon {
             smtp_addrs,
             spool,
@@ -92,6 +113,7 @@ impl Daemon {
             forwarder,
             listeners,
             sessions,
+            admin,
         })
     }
 
@@ -119,6 +141,9 @@ impl Daemon {
     pub async fn join(self, grace: Duration) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + grace;
         self.listeners.wait().await;
+        if !self.admin.join(deadline).await {
+            warn!("shutdown_grace_expired_for_admin_connections");
+        }
         self.sessions.close();
         let sessions_done = tokio::time::timeout_at(deadline, self.sessions.wait())
             .await

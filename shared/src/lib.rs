@@ -1,6 +1,10 @@
 //! Types that lsmtpd and lsmtpctl both speak, so the two binaries cannot drift apart.
 //!
-//! Pure: no I/O. Holds the message id format; the admin protocol joins it later.
+//! Pure: no I/O. Holds the message id format, the admin protocol ([`admin`]) and its
+//! newline-delimited JSON frame codec ([`frame`]).
+
+pub mod admin;
+pub mod frame;
 
 use std::fmt;
 use std::str::FromStr;

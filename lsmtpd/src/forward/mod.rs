@@ -120,7 +120,21 @@ pub struct ForwarderHandle {
     hard_stop: CancellationToken,
 }
 
-impl ForwarderHandle {
+/// A cheap-clone reader of the forwarder's connection state and counters (the admin endpoint
+/// keeps one; the forwarder task owns the writing side).
+#[derive(Clone)]
+pub struct StatusView {
+    shared: Arc<Shared>,
+}
+
+impl StatusView {
+    /// A view attached to no forwarder: disconnected, all counters zero (tests, tools).
+    pub fn detached() -> StatusView {
+        StatusView {
+            shared: Arc::default(),
+        }
+    }
+
     /// Current connection and counters.
     pub fn status(&self) -> BrokerStatus {
         let s = &self.shared;
@@ -145,6 +159,20 @@ impl ForwarderHandle {
             failed_attempts: load(&s.failed_attempts),
             refused: load(&s.refused),
             connection_failures: load(&s.connection_failures),
+        }
+    }
+}
+
+impl ForwarderHandle {
+    /// Current connection and counters.
+    pub fn status(&self) -> BrokerStatus {
+        self.status_view().status()
+    }
+
+    /// A reader of [`ForwarderHandle::status`] that outlives borrows of the handle.
+    pub fn status_view(&self) -> StatusView {
+        StatusView {
+            shared: Arc::clone(&self.shared),
         }
     }
 

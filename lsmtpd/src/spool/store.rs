@@ -638,6 +638,11 @@ impl Spool {
         }
     }
 
+    /// Whether the forwarder holds a lease on `id` right now (memory only).
+    pub fn is_leased(&self, id: MessageId) -> bool {
+        self.mem().is_leased(id)
+    }
+
     /// The record, `Held{Unreadable}` (with the decode error in `last_error`) if it cannot be
     /// decoded, or `None`.
     pub fn get(&self, id: MessageId) -> Result<Option<Record>, SpoolError> {

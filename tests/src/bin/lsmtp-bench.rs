@@ -257,7 +257,8 @@ async fn wait_for_broker(
         }
     }
     // Late duplicates: whatever else arrives shortly after.
-    while let Ok(Some((id, _))) = tokio::time::timeout(Duration::from_millis(500), rx.recv()).await {
+    while let Ok(Some((id, _))) = tokio::time::timeout(Duration::from_millis(500), rx.recv()).await
+    {
         *seen.entry(id).or_default() += 1;
     }
     EndToEnd {
