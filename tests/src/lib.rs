@@ -29,7 +29,13 @@ pub fn workspace_bin(name: &str) -> PathBuf {
         .and_then(Path::parent)
         .map(Path::to_path_buf)
         .unwrap_or_default();
-    dir.join(name)
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build --workspace --bins` first (tests/run does)",
+        path.display()
+    );
+    path
 }
 
 /// A running `lsmtpd` process with its own spool directory and its stderr collected.
