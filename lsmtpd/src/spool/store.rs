@@ -214,19 +214,7 @@ impl Spool {
         let dir = cfg.dir.as_path();
         let created = !dir.exists();
         std::fs::create_dir_all(dir)?;
-        let lock = lock_dir(dir)?;
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(cfg.cache_bytes)
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => {
-                    SpoolError::Locked {
-                        dir: dir.to_path_buf(),
-                    }
-                }
-                other => SpoolError::Storage(other),
-            })?;
+        let (lock, db) = lock_and_open(cfg)?;
         let meta = db.open_tree("meta")?;
         let due = db.open_tree("due")?;
         let body = db.open_tree("body")?;
@@ -993,6 +981,42 @@ impl Spool {
     #[cfg(test)]
     pub(crate) fn db(&self) -> &sled::Db {
         &self.inner.db
+    }
+}
+
+/// Takes our directory lock, then opens sled (which takes its own file lock).
+///
+/// A lock held by something that is going away is retried for a short while before it counts
+/// as `Locked`: a `Spool` just dropped in this process (sled's background I/O threads let go
+/// of its files a little after the drop), and lock files inherited by a child process this
+/// process is spawning (they stay open between its fork and its exec). A live daemon holding
+/// the spool still fails the open, two seconds later.
+fn lock_and_open(cfg: &SpoolConfig) -> Result<(File, sled::Db), SpoolError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        let attempt = lock_dir(&cfg.dir).and_then(|lock| {
+            sled::Config::new()
+                .path(&cfg.dir)
+                .cache_capacity(cfg.cache_bytes)
+                .open()
+                .map(|db| (lock, db))
+                .map_err(|e| match e {
+                    sled::Error::Io(ref io)
+                        if io.to_string().contains("could not acquire lock") =>
+                    {
+                        SpoolError::Locked {
+                            dir: cfg.dir.clone(),
+                        }
+                    }
+                    other => SpoolError::Storage(other),
+                })
+        });
+        match attempt {
+            Err(SpoolError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => return other,
+        }
     }
 }
 
