@@ -166,8 +166,14 @@ fn run(shared: &Shared, syncer: &mut Syncer) {
             }
             std::mem::take(&mut queue.waiters)
         };
+        let started = std::time::Instant::now();
         let result = syncer.sync();
         shared.groups.fetch_add(1, Ordering::Relaxed);
+        tracing::trace!(
+            waiters = group.len(),
+            flush_us = started.elapsed().as_micros() as u64,
+            "group_committed"
+        );
         if let Err(e) = &result {
             tracing::error!(error = ?e, waiters = group.len(), "spool_flush_failed");
         }
