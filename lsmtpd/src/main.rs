@@ -1,5 +1,7 @@
 //! `lsmtpd`: reads the configuration, sets up logging and signals, runs the daemon.
 
+mod notify;
+
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -92,11 +94,14 @@ fn main() -> ExitCode {
 async fn run(config: Config) -> anyhow::Result<()> {
     let grace = config.shutdown.grace;
     let token = CancellationToken::new();
+    // Signal handlers first: a SIGHUP (systemctl reload) right after READY=1 must not kill us.
+    let shutdown = shutdown_signal()?;
     let daemon = Daemon::start(config, token.clone()).await?;
     info!(version = env!("CARGO_PKG_VERSION"), "lsmtpd_ready");
+    notify::ready();
     let spool = daemon.spool().clone();
     tokio::select! {
-        signal = wait_for_signal() => signal?,
+        () = shutdown => {}
         _ = spool.poisoned() => {
             // sled cannot write again after a failed write, and tearing it down can hang in its
             // own flush, so this is the one path that exits without a graceful shutdown. It is as
@@ -107,6 +112,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     info!("shutdown_requested");
+    notify::stopping();
     token.cancel();
     daemon.join(grace).await
 }
@@ -127,15 +133,24 @@ impl std::io::Write for LossyStderr {
     }
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+/// Installs the handlers now and resolves on SIGTERM or SIGINT. SIGHUP (`systemctl reload`)
+/// only logs: nothing is reloadable yet (TLS certificates will be).
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
+    let mut hup = signal(SignalKind::hangup())?;
+    Ok(async move {
+        loop {
+            tokio::select! {
+                _ = term.recv() => return,
+                _ = int.recv() => return,
+                _ = hup.recv() => info!(
+                    "reload_requested: nothing to reload yet; restart lsmtpd to apply a changed configuration"
+                ),
+            }
+        }
+    })
 }
 
 /// Defaults, then the file, then systemd's directories where the file named none, then the
