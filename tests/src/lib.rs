@@ -62,7 +62,8 @@ impl Lsmtpd {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        for var in lsmtp_env_vars() {
+        // Variables lsmtpd reads: removed from the child so the host's cannot leak in.
+        for var in lsmtpd::config::ENV_VARS {
             cmd.env_remove(var);
         }
         for (k, v) in env {
@@ -207,27 +208,6 @@ fn signal(pid: u32, sig: i32) -> Result<()> {
         bail!("kill -{sig} {pid} failed");
     }
     Ok(())
-}
-
-/// Environment variables lsmtpd reads; removed from the child so the host's cannot leak in.
-fn lsmtp_env_vars() -> &'static [&'static str] {
-    &[
-        "BIND_ADDRESS",
-        "BIND_PORT",
-        "SERVER_NAME",
-        "MAX_EMAIL_SIZE_BYTES",
-        "MAX_TIMEOUT_SECS",
-        "AMQP_HOST",
-        "AMQP_PORT",
-        "AMQP_USERNAME",
-        "AMQP_PASSWORD",
-        "AMQP_VHOST",
-        "AMQP_EXCHANGE",
-        "AMQP_ROUTING_KEY",
-        "LSMTPD_SPOOL_DIR",
-        "LSMTPD_ADMIN_SOCKET",
-        "LSMTPD_LOG",
-    ]
 }
 
 /// Parses `... listening addr=127.0.0.1:2525` from a log line.

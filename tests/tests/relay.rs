@@ -91,16 +91,8 @@ fn every_smtp_message_reaches_the_broker_once_with_the_original_fields() {
         assert_eq!(json["sender"], "from@example.org");
         assert_eq!(json["recipients"], serde_json::json!(["to@example.net"]));
         assert_eq!(json["client_address"], "127.0.0.1");
-        let content = match json.get("content_encoding").and_then(|e| e.as_str()) {
-            Some("base64") => {
-                use base64::Engine as _;
-                base64::engine::general_purpose::STANDARD
-                    .decode(json["email_content"].as_str().unwrap())
-                    .unwrap()
-            }
-            None => json["email_content"].as_str().unwrap().as_bytes().to_vec(),
-            Some(other) => panic!("unknown encoding {other}"),
-        };
+        let payload: lsmtpd::forward::payload::JsonPayload = serde_json::from_value(json).unwrap();
+        let content = payload.email_bytes().unwrap();
         let body = strip_received(&content).expect("Received: header first");
         assert_eq!(body, &sent[&id][..], "content of {id} differs");
     }
