@@ -10,6 +10,17 @@ use std::time::Duration;
 use lsmtp_e2e::amqp::{consume, declare_queue, tally, Mode, Proxy, Vhost};
 use lsmtp_e2e::*;
 
+/// Declares the queue as the daemon declares it (durable classic), so a consumer can start
+/// before the daemon's forwarder has connected.
+fn declare_mail_queue(vhost: &Vhost) {
+    block_on(declare_mail_queue_async(vhost));
+}
+
+async fn declare_mail_queue_async(vhost: &Vhost) {
+    let (_conn, ch) = vhost.admin().await;
+    declare_queue(&ch, "mail", Default::default()).await;
+}
+
 /// The `amqp:` section for a test vhost, with short timings.
 fn amqp_section(vhost: &Vhost, node: &str) -> String {
     format!(
@@ -22,6 +33,7 @@ fn amqp_section(vhost: &Vhost, node: &str) -> String {
 #[test]
 fn every_smtp_message_reaches_the_broker_once_with_the_original_fields() {
     let vhost = Vhost::new();
+    declare_mail_queue(&vhost);
     let dir = tempfile::tempdir().unwrap();
     let cfg = test_config(
         dir.path(),
@@ -112,6 +124,7 @@ fn every_smtp_message_reaches_the_broker_once_with_the_original_fields() {
 #[test]
 fn sigkill_while_sending_and_publishing_loses_nothing() {
     let vhost = Vhost::new();
+    declare_mail_queue(&vhost);
     let dir = tempfile::tempdir().unwrap();
     let cfg = test_config(
         dir.path(),
@@ -245,9 +258,8 @@ fn mail_is_accepted_while_the_broker_is_down_and_delivered_when_it_returns() {
             assert_eq!(r.code, 250, "{r:?}");
             ids.insert(queued_id(&r).unwrap());
         }
+        declare_mail_queue_async(&vhost).await;
         let (_conn, ch) = vhost.admin().await;
-        // Declared as the daemon declares it (durable classic), so the consumer can start first.
-        declare_queue(&ch, "mail", Default::default()).await;
         proxy.set_mode(Mode::Pass);
         let got = consume(&ch, "mail", 30, Duration::from_secs(60)).await;
         let counts = tally(&got);
