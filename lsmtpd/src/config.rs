@@ -25,6 +25,7 @@ pub struct Config {
     pub spool: SpoolConfig,
     pub amqp: AmqpConfig,
     pub admin: AdminConfig,
+    pub metrics: MetricsConfig,
     pub log: LogConfig,
     pub shutdown: ShutdownConfig,
 }
@@ -140,6 +141,15 @@ impl Default for AdminConfig {
     }
 }
 
+/// The optional Prometheus endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve Prometheus metrics over HTTP on this address (any path, e.g. `/metrics`).
+    /// `None` (the default): nothing listens and nothing is exported.
+    pub listen: Option<SocketAddr>,
+}
+
 /// Logging to stderr.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -213,6 +223,7 @@ pub const ENV_VARS: &[&str] = &[
     "LSMTPD_SPOOL_DIR",
     "LSMTPD_ADMIN_SOCKET",
     "LSMTPD_LOG",
+    "LSMTPD_METRICS_LISTEN",
 ];
 
 impl Config {
@@ -391,6 +402,15 @@ impl Config {
         if let Some(v) = get("LSMTPD_LOG") {
             self.log.level = v;
         }
+        if let Some(v) = get("LSMTPD_METRICS_LISTEN") {
+            match v.parse::<SocketAddr>() {
+                Ok(addr) => self.metrics.listen = Some(addr),
+                Err(_) => problems.push(problem(
+                    "LSMTPD_METRICS_LISTEN",
+                    format!("{v:?} is not an address:port (e.g. 127.0.0.1:9425)"),
+                )),
+            }
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -474,6 +494,19 @@ impl Config {
                 "admin.group",
                 "must not be empty (use None for no group)",
             ));
+        }
+        if let Some(addr) = self.metrics.listen {
+            if addr.port() == 0 {
+                p.push(problem(
+                    "metrics.listen",
+                    "needs a fixed port: Prometheus could not find a random one",
+                ));
+            } else if s.listen.contains(&addr) {
+                p.push(problem(
+                    "metrics.listen",
+                    format!("{addr} is also in smtp.listen"),
+                ));
+            }
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             p.push(problem(
@@ -629,6 +662,33 @@ mod tests {
         assert_eq!(c.amqp.routing_key, "inbound");
         assert_eq!(c.spool.dir, PathBuf::from("/var/lib/x"));
         assert_eq!(c.admin.socket, PathBuf::from("/run/x.sock"));
+    }
+
+    #[test]
+    fn metrics_endpoint_is_off_by_default_and_set_by_file_or_env() {
+        assert_eq!(Config::default().metrics.listen, None);
+        let mut c = Config::from_ron("(metrics: (listen: Some(\"127.0.0.1:9425\")))").unwrap();
+        assert_eq!(c.metrics.listen, Some("127.0.0.1:9425".parse().unwrap()));
+        assert_eq!(c.validate(), Ok(()));
+        c.apply_env(&env_of(&[("LSMTPD_METRICS_LISTEN", "[::1]:9100")]))
+            .unwrap();
+        assert_eq!(c.metrics.listen, Some("[::1]:9100".parse().unwrap()));
+        let errs = c
+            .apply_env(&env_of(&[("LSMTPD_METRICS_LISTEN", "9100")]))
+            .unwrap_err();
+        assert_eq!(errs[0].setting, "LSMTPD_METRICS_LISTEN");
+        assert_eq!(c.metrics.listen, Some("[::1]:9100".parse().unwrap()));
+    }
+
+    #[test]
+    fn metrics_listen_needs_a_fixed_port_of_its_own() {
+        for bad in ["127.0.0.1:0", "127.0.0.1:2525"] {
+            let mut c = Config::default();
+            c.metrics.listen = Some(bad.parse().unwrap());
+            let errs = c.validate().unwrap_err();
+            assert_eq!(errs.len(), 1, "{errs:?}");
+            assert_eq!(errs[0].setting, "metrics.listen", "{bad}");
+        }
     }
 
     #[test]

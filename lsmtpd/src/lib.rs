@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod exporter;
 pub mod forward;
 pub mod metrics;
 pub mod smtp;
@@ -28,8 +29,9 @@ use tracing::{info, warn};
 
 use crate::admin::{AdminHandle, AdminListener};
 use crate::config::Config;
+use crate::exporter::Exporter;
 use crate::forward::{Forwarder, ForwarderHandle};
-use crate::metrics::Metrics;
+use crate::metrics::{Latency, Metrics};
 use crate::smtp::listener::Listener;
 use crate::smtp::session::SessionContext;
 use crate::spool::Spool;
@@ -43,6 +45,8 @@ pub struct Daemon {
     listeners: TaskTracker,
     sessions: TaskTracker,
     admin: AdminHandle,
+    /// The Prometheus endpoint's task (`metrics.listen`), stopped at the end of `join`.
+    exporter: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Daemon {
@@ -57,8 +61,14 @@ impl Daemon {
             .with_context(|| format!("cannot open the spool in {}", config.spool.dir.display()))?;
         let started_at_ms = spool::now_ms();
         let admin_listener = AdminListener::bind(&config.admin).await?;
+        let exporter = config.metrics.listen.map(Exporter::bind).transpose()?;
 
-        let metrics = Arc::new(Metrics::default());
+        let metrics = Arc::new(Metrics {
+            end_of_data: exporter
+                .as_ref()
+                .map_or_else(Latency::off, Exporter::end_of_data),
+            ..Metrics::default()
+        });
         let budget = usize::try_from(config.smtp.memory_budget_bytes)
             .unwrap_or(Semaphore::MAX_PERMITS)
             .min(Semaphore::MAX_PERMITS);
@@ -91,21 +101,26 @@ impl Daemon {
         }
         listeners.close();
 
-        let forwarder =
-            Forwarder::spawn(Arc::new(config.amqp.clone()), spool.clone(), token.clone());
-        let admin = admin_listener.start(
-            Arc::new(admin::Context {
-                spool: spool.clone(),
-                broker: forwarder.status_view(),
-                metrics: Arc::clone(&metrics),
-                started_at_ms,
-                smtp_listeners: smtp_addrs.iter().map(ToString::to_string).collect(),
-                broker_nodes: config.amqp.nodes.clone(),
-                socket: config.admin.socket.clone(),
-                samples: Default::default(),
-            }),
-            token,
+        let forwarder = Forwarder::spawn_observed(
+            Arc::new(config.amqp.clone()),
+            spool.clone(),
+            token.clone(),
+            exporter
+                .as_ref()
+                .map_or_else(Latency::off, Exporter::publish_confirm),
         );
+        let admin_ctx = Arc::new(admin::Context {
+            spool: spool.clone(),
+            broker: forwarder.status_view(),
+            metrics: Arc::clone(&metrics),
+            started_at_ms,
+            smtp_listeners: smtp_addrs.iter().map(ToString::to_string).collect(),
+            broker_nodes: config.amqp.nodes.clone(),
+            socket: config.admin.socket.clone(),
+            samples: Default::default(),
+        });
+        let exporter = exporter.map(|e| e.start(Arc::clone(&admin_ctx)));
+        let admin = admin_listener.start(admin_ctx, token);
         Ok(Daemon {
             smtp_addrs,
             spool,
@@ -114,6 +129,7 @@ impl Daemon {
             listeners,
             sessions,
             admin,
+            exporter,
         })
     }
 
@@ -164,6 +180,9 @@ impl Daemon {
         match tokio::time::timeout(flush_limit, self.spool.flush()).await {
             Ok(result) => result.context("final spool flush failed")?,
             Err(_) => anyhow::bail!("final spool flush did not finish within {flush_limit:?}"),
+        }
+        if let Some(task) = self.exporter {
+            task.abort();
         }
         info!("shutdown_complete");
         if sessions_done {

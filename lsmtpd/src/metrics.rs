@@ -1,6 +1,8 @@
-//! Counters the daemon keeps: plain atomics, read by the admin endpoint and the logs.
+//! Counters the daemon keeps: plain atomics, read by the admin endpoint and the logs, plus the
+//! latency histograms that only exist when the Prometheus endpoint is on (see [`crate::exporter`]).
 
 use std::sync::atomic::AtomicU64;
+use std::time::Instant;
 
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -14,4 +16,30 @@ pub struct Metrics {
     pub rejected_messages: AtomicU64,
     /// Command lines answered with a syntax error.
     pub rejected_commands: AtomicU64,
+    /// End of DATA (or the last BDAT chunk) → the 250, for accepted messages.
+    pub end_of_data: Latency,
+}
+
+/// A latency histogram in seconds. Without the Prometheus endpoint it is `Latency::off()`, and
+/// observing costs one branch: no clock read, no atomic.
+#[derive(Debug, Clone, Default)]
+pub struct Latency(Option<metrics::Histogram>);
+
+impl Latency {
+    /// A histogram that records nothing.
+    pub const fn off() -> Latency {
+        Latency(None)
+    }
+
+    /// Records into `histogram`.
+    pub fn new(histogram: metrics::Histogram) -> Latency {
+        Latency(Some(histogram))
+    }
+
+    /// Records the time from `start` to now.
+    pub fn observe_since(&self, start: Instant) {
+        if let Some(h) = &self.0 {
+            h.record(start.elapsed().as_secs_f64());
+        }
+    }
 }

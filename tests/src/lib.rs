@@ -210,9 +210,15 @@ fn signal(pid: u32, sig: i32) -> Result<()> {
     Ok(())
 }
 
-/// Parses `... listening addr=127.0.0.1:2525` from a log line.
+/// Parses `... listening addr=127.0.0.1:2525` (the SMTP listener) from a log line.
 fn parse_listening(line: &str) -> Option<SocketAddr> {
-    if !line.contains("listening") {
+    parse_event_addr(line, "listening")
+}
+
+/// Parses `... <event> addr=127.0.0.1:2525` from a log line; `event` must be a whole word, so
+/// `listening` does not match `metrics_listening`.
+pub fn parse_event_addr(line: &str, event: &str) -> Option<SocketAddr> {
+    if !line.split_whitespace().any(|w| w == event) {
         return None;
     }
     let rest = line.split("addr=").nth(1)?;

@@ -52,6 +52,7 @@ use tracing::{debug, error, info, warn};
 
 use self::amqp::Failure;
 use self::config::AmqpConfig;
+use crate::metrics::Latency;
 use crate::spool::{now_ms, HoldReason, Leased, MessageId, Record, Spool};
 
 /// A snapshot of the forwarder for `lsmtpctl status`. Counters count since start.
@@ -233,11 +234,24 @@ pub struct Forwarder {
     /// Index into `cfg.nodes` to try first.
     node_index: usize,
     rng: u64,
+    /// Publish → last positive confirm, per message.
+    confirm_latency: Latency,
 }
 
 impl Forwarder {
     /// Starts the forwarder task.
     pub fn spawn(cfg: Arc<AmqpConfig>, spool: Spool, token: CancellationToken) -> ForwarderHandle {
+        Forwarder::spawn_observed(cfg, spool, token, Latency::off())
+    }
+
+    /// Starts the forwarder task; `confirm_latency` gets, for each message confirmed by every
+    /// target, the time from its publish to its last confirm.
+    pub fn spawn_observed(
+        cfg: Arc<AmqpConfig>,
+        spool: Spool,
+        token: CancellationToken,
+        confirm_latency: Latency,
+    ) -> ForwarderHandle {
         let shared = Arc::new(Shared::default());
         let hard_stop = CancellationToken::new();
         let seed = now_ms() ^ (u64::from(std::process::id()) << 32) ^ 0x9E37_79B9_7F4A_7C15;
@@ -253,6 +267,7 @@ impl Forwarder {
             probe_remaining: 0,
             node_index: 0,
             rng: seed | 1,
+            confirm_latency,
         };
         let task = tokio::spawn(forwarder.run());
         ForwarderHandle {
@@ -650,7 +665,10 @@ impl Forwarder {
                 if let Some(m) = self.inflight.remove(&id) {
                     self.probe_remaining = self.probe_remaining.saturating_sub(1);
                     match m.failure {
-                        None => completed.push(id),
+                        None => {
+                            self.confirm_latency.observe_since(m.published_at);
+                            completed.push(id);
+                        }
                         Some(reason) => self.fail_attempt(&m.record, &reason).await,
                     }
                 }

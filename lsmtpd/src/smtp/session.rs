@@ -489,9 +489,11 @@ where
             rcpt_to,
             body: Bytes::from(bytes),
         };
+        // The terminator was parsed just before this call: `started` is the end of the data too.
         let started = std::time::Instant::now();
         let stored = self.ctx.spool.accept(msg).await;
         drop(permit);
+        let accepted = stored.is_ok();
         let reply = match stored {
             Ok(()) => {
                 self.ctx
@@ -519,6 +521,9 @@ where
             }
         };
         reply.write_to(&mut self.out);
+        if accepted {
+            self.ctx.metrics.end_of_data.observe_since(started);
+        }
     }
 }
 

@@ -1,0 +1,320 @@
+//! The optional Prometheus endpoint (`metrics.listen`, off by default).
+//!
+//! `metrics-exporter-prometheus` serves the text format over its own small HTTP listener (any
+//! path answers, e.g. `/metrics`). Its recorder is local to the daemon, never installed as the
+//! global `metrics` recorder: the handles are registered here and passed on explicitly.
+//!
+//! - Counters and gauges mirror the admin `status` report: a task computes it with
+//!   [`handler::status`] every [`REFRESH`] and copies it into the recorder, so a scrape sees values
+//!   at most that old. Nothing is counted twice: the atomics in [`crate::metrics::Metrics`] and the
+//!   forwarder stay the only counters.
+//! - The two latency histograms are recorded where they happen, through [`Latency`] handles that
+//!   are no-ops when the endpoint is off.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use lsmtp_shared::admin::StatusReport;
+use metrics::{Counter, Gauge, Key, KeyName, Label, Metadata, Recorder as _, Unit};
+use metrics_exporter_prometheus::{ExporterFuture, Matcher, PrometheusBuilder, PrometheusRecorder};
+use tokio::task::JoinHandle;
+use tracing::{error, info};
+
+use crate::admin::{handler, Context};
+use crate::metrics::Latency;
+use crate::spool::now_ms;
+
+/// How often the counters and gauges are copied from the status report.
+pub const REFRESH: Duration = Duration::from_secs(1);
+
+/// Histogram buckets in seconds, for both latencies (an fsync to a broker round trip).
+const BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+const PUBLISH_CONFIRM: &str = "lsmtpd_publish_confirm_seconds";
+const END_OF_DATA: &str = "lsmtpd_end_of_data_seconds";
+
+/// A bound, not yet serving, Prometheus endpoint.
+pub struct Exporter {
+    addr: SocketAddr,
+    recorder: PrometheusRecorder,
+    serve: ExporterFuture,
+}
+
+impl Exporter {
+    /// Binds `addr`. Must run inside the tokio runtime (the exporter spawns its upkeep task).
+    pub fn bind(addr: SocketAddr) -> anyhow::Result<Exporter> {
+        let (recorder, serve) = builder()?
+            .with_http_listener(addr)
+            .build()
+            .with_context(|| format!("cannot serve metrics on {addr} (metrics.listen)"))?;
+        Ok(Exporter {
+            addr,
+            recorder,
+            serve,
+        })
+    }
+
+    /// Publish → confirm latency, for the forwarder.
+    pub fn publish_confirm(&self) -> Latency {
+        histogram(
+            &self.recorder,
+            PUBLISH_CONFIRM,
+            "Publish to positive publisher confirm of every target, per message",
+        )
+    }
+
+    /// End of DATA → 250 latency, for the SMTP sessions.
+    pub fn end_of_data(&self) -> Latency {
+        histogram(
+            &self.recorder,
+            END_OF_DATA,
+            "End of the message data to the 250 reply (spool write and fsync), accepted messages",
+        )
+    }
+
+    /// Serves until the returned task is aborted, refreshing the status series every [`REFRESH`].
+    pub fn start(self, ctx: Arc<Context>) -> JoinHandle<()> {
+        let series = Series::register(&self.recorder);
+        let recorder = self.recorder;
+        let mut serve = self.serve;
+        info!(addr = %self.addr, "metrics_listening");
+        tokio::spawn(async move {
+            let _keep = recorder;
+            let mut tick = tokio::time::interval(REFRESH);
+            loop {
+                tokio::select! {
+                    result = &mut serve => {
+                        if let Err(e) = result {
+                            error!(error = ?e, "metrics_endpoint_failed");
+                        }
+                        return;
+                    }
+                    _ = tick.tick() => series.update(&handler::status(&ctx, now_ms())),
+                }
+            }
+        })
+    }
+}
+
+fn builder() -> anyhow::Result<PrometheusBuilder> {
+    let mut b = PrometheusBuilder::new();
+    for name in [PUBLISH_CONFIRM, END_OF_DATA] {
+        b = b
+            .set_buckets_for_metric(Matcher::Full(name.to_string()), BUCKETS)
+            .context("histogram buckets")?;
+    }
+    Ok(b)
+}
+
+fn metadata() -> Metadata<'static> {
+    Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()))
+}
+
+fn histogram(recorder: &PrometheusRecorder, name: &'static str, help: &'static str) -> Latency {
+    recorder.describe_histogram(
+        KeyName::from_const_str(name),
+        Some(Unit::Seconds),
+        help.into(),
+    );
+    Latency::new(recorder.register_histogram(&Key::from_static_name(name), &metadata()))
+}
+
+/// The series copied from the status report.
+struct Series {
+    accepted: Counter,
+    rejected: Counter,
+    connections: Counter,
+    connections_refused: Counter,
+    published: Counter,
+    confirmed: Counter,
+    nacked: Counter,
+    returned: Counter,
+    failed_attempts: Counter,
+    refused_by_broker: Counter,
+    connection_failures: Counter,
+    /// queued, deferred, held, inflight.
+    spool_messages: [Gauge; 4],
+    spool_bytes: Gauge,
+    spool_oldest_age: Gauge,
+    broker_connected: Gauge,
+    broker_blocked: Gauge,
+}
+
+impl Series {
+    fn register(r: &PrometheusRecorder) -> Series {
+        let counter = |name: &'static str, help: &'static str| {
+            r.describe_counter(KeyName::from_const_str(name), None, help.into());
+            r.register_counter(&Key::from_static_name(name), &metadata())
+        };
+        let gauge = |name: &'static str, unit: Option<Unit>, help: &'static str| {
+            r.describe_gauge(KeyName::from_const_str(name), unit, help.into());
+            r.register_gauge(&Key::from_static_name(name), &metadata())
+        };
+        r.describe_gauge(
+            KeyName::from_const_str("lsmtpd_spool_messages"),
+            None,
+            "Messages in the spool by state (inflight: leased to the forwarder)".into(),
+        );
+        let by_state = |state: &'static str| {
+            let key = Key::from_parts("lsmtpd_spool_messages", vec![Label::new("state", state)]);
+            r.register_gauge(&key, &metadata())
+        };
+        Series {
+            accepted: counter(
+                "lsmtpd_messages_accepted_total",
+                "Messages spooled and answered with 250",
+            ),
+            rejected: counter(
+                "lsmtpd_messages_rejected_total",
+                "Messages whose end got a 4xx/5xx",
+            ),
+            connections: counter(
+                "lsmtpd_connections_total",
+                "SMTP connections accepted, including refused ones",
+            ),
+            connections_refused: counter(
+                "lsmtpd_connections_refused_total",
+                "SMTP connections refused with 421 at a connection limit",
+            ),
+            published: counter("lsmtpd_published_total", "Publishes to the broker"),
+            confirmed: counter(
+                "lsmtpd_confirmed_total",
+                "Publishes positively confirmed and not returned",
+            ),
+            nacked: counter("lsmtpd_nacked_total", "Publishes nacked by the broker"),
+            returned: counter(
+                "lsmtpd_returned_total",
+                "Publishes returned by the broker as unroutable",
+            ),
+            failed_attempts: counter(
+                "lsmtpd_failed_attempts_total",
+                "Delivery attempts that failed (nack, return, refusal)",
+            ),
+            refused_by_broker: counter(
+                "lsmtpd_broker_refused_total",
+                "Messages held because the broker refused them",
+            ),
+            connection_failures: counter(
+                "lsmtpd_broker_connection_failures_total",
+                "Broker connections that failed or were lost",
+            ),
+            spool_messages: ["queued", "deferred", "held", "inflight"].map(by_state),
+            spool_bytes: gauge(
+                "lsmtpd_spool_bytes",
+                Some(Unit::Bytes),
+                "Bytes of message data in the spool",
+            ),
+            spool_oldest_age: gauge(
+                "lsmtpd_spool_oldest_age_seconds",
+                Some(Unit::Seconds),
+                "Age of the oldest message in the spool; 0 when empty",
+            ),
+            broker_connected: gauge(
+                "lsmtpd_broker_connected",
+                None,
+                "1 while a broker connection is open",
+            ),
+            broker_blocked: gauge(
+                "lsmtpd_broker_blocked",
+                None,
+                "1 while the broker blocks publishing (resource alarm)",
+            ),
+        }
+    }
+
+    fn update(&self, s: &StatusReport) {
+        let c = &s.counters;
+        self.accepted.absolute(c.accepted);
+        self.rejected.absolute(c.rejected);
+        self.connections.absolute(c.connections);
+        self.connections_refused.absolute(c.refused_connections);
+        self.published.absolute(c.published);
+        self.confirmed.absolute(c.confirmed);
+        self.nacked.absolute(c.nacked);
+        self.returned.absolute(c.returned);
+        self.failed_attempts.absolute(c.failed_attempts);
+        self.refused_by_broker.absolute(c.refused);
+        self.connection_failures.absolute(c.connection_failures);
+        let sp = &s.spool;
+        for (gauge, n) in
+            self.spool_messages
+                .iter()
+                .zip([sp.queued, sp.deferred, sp.held, sp.inflight])
+        {
+            gauge.set(n as f64);
+        }
+        self.spool_bytes.set(sp.bytes as f64);
+        let age_ms = sp
+            .oldest_received_ms
+            .map_or(0, |t| s.now_ms.saturating_sub(t));
+        self.spool_oldest_age.set(age_ms as f64 / 1000.0);
+        self.broker_connected
+            .set(f64::from(u8::from(s.broker.connected_node.is_some())));
+        self.broker_blocked
+            .set(f64::from(u8::from(s.broker.blocked)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn status_report_and_latencies_render_as_prometheus_text() {
+        let recorder = builder().unwrap().build_recorder();
+        let series = Series::register(&recorder);
+        let mut s = StatusReport {
+            version: String::new(),
+            now_ms: 10_000,
+            started_at_ms: 0,
+            smtp_listeners: Vec::new(),
+            admin_socket: String::new(),
+            broker: lsmtp_shared::admin::BrokerReport {
+                nodes: Vec::new(),
+                connected_node: None,
+                blocked: false,
+                last_error: None,
+            },
+            spool: Default::default(),
+            counters: Default::default(),
+            rates: Default::default(),
+        };
+        s.counters.accepted = 3;
+        s.counters.confirmed = 2;
+        s.spool.queued = 1;
+        s.spool.inflight = 4;
+        s.spool.bytes = 512;
+        s.spool.oldest_received_ms = Some(7_500);
+        s.broker.connected_node = Some("127.0.0.1:5672".into());
+        series.update(&s);
+        let eod = histogram(&recorder, END_OF_DATA, "test");
+        eod.observe_since(std::time::Instant::now());
+        let text = recorder.handle().render();
+        for line in [
+            "lsmtpd_messages_accepted_total 3",
+            "lsmtpd_confirmed_total 2",
+            "lsmtpd_nacked_total 0",
+            "lsmtpd_spool_messages{state=\"queued\"} 1",
+            "lsmtpd_spool_messages{state=\"inflight\"} 4",
+            "lsmtpd_spool_messages{state=\"held\"} 0",
+            "lsmtpd_spool_bytes 512",
+            "lsmtpd_spool_oldest_age_seconds 2.5",
+            "lsmtpd_broker_connected 1",
+            "lsmtpd_broker_blocked 0",
+            "lsmtpd_end_of_data_seconds_count 1",
+            "lsmtpd_end_of_data_seconds_bucket{le=\"+Inf\"} 1",
+            "# TYPE lsmtpd_end_of_data_seconds histogram",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line:?} missing in\n{text}"
+            );
+        }
+    }
+}
