@@ -167,29 +167,16 @@ impl Lsmtpd {
         }
     }
 
-    /// SIGTERM, then waits (up to 60 s) for the exit, which a waiter thread reports.
+    /// SIGTERM, then waits (up to 60 s) for the exit.
     pub fn terminate(mut self) -> Result<ExitStatus> {
-        let mut child = self.child.take().context("already reaped")?;
+        let child = self.child.as_mut().context("already reaped")?;
         if let Some(status) = child.try_wait()? {
+            self.child = None;
             return Ok(status);
         }
-        // It may exit between the check and the signal; then `wait` below reports that.
+        // It may exit between the check and the signal; then `wait_exit` reports that.
         let _ = signal(child.id(), libc::SIGTERM);
-        let (tx, rx) = std::sync::mpsc::channel();
-        let pid = child.id();
-        std::thread::spawn(move || {
-            let _ = tx.send(child.wait());
-        });
-        match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(status) => Ok(status?),
-            Err(_) => {
-                let _ = signal(pid, libc::SIGKILL);
-                bail!(
-                    "lsmtpd did not exit within 60 s of SIGTERM; log:\n{}",
-                    self.log_text()
-                )
-            }
-        }
+        self.wait_exit(Duration::from_secs(60))
     }
 }
 
