@@ -74,6 +74,36 @@ pub struct SmtpConfig {
     /// Message bytes all sessions together may hold in memory while receiving; over it the
     /// message gets 452 4.3.1 at its end. Must be at least `max_message_bytes`.
     pub memory_budget_bytes: u64,
+    /// SMTP AUTH (RFC 4954), offered over TLS only.
+    pub auth: AuthConfig,
+}
+
+/// SMTP AUTH: PLAIN and LOGIN against a users file of argon2id hashes, over TLS only.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// One `user:$argon2id$...` per line (`lsmtpctl hash-password USER` makes one); reread on
+    /// SIGHUP. `None` (the default): AUTH is not offered.
+    pub users_file: Option<PathBuf>,
+    /// MAIL needs a successful AUTH first (530 5.7.0). Needs `users_file`.
+    pub require_auth: bool,
+    /// Wait this long before answering a failed AUTH (535, or the final 421).
+    #[serde(with = "humantime_serde")]
+    pub failure_delay: Duration,
+    /// The failed AUTH that reaches this count on one connection gets 421 4.7.0 and the
+    /// connection is closed.
+    pub max_failures: u32,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            users_file: None,
+            require_auth: false,
+            failure_delay: Duration::from_secs(1),
+            max_failures: 3,
+        }
+    }
 }
 
 impl Default for SmtpConfig {
@@ -91,6 +121,7 @@ impl Default for SmtpConfig {
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(180),
             memory_budget_bytes: 64 * 1024 * 1024,
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -477,6 +508,31 @@ impl Config {
                 ),
             ));
         }
+        let a = &s.auth;
+        if a.users_file
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            p.push(problem(
+                "smtp.auth.users_file",
+                "must not be empty (use None for no AUTH)",
+            ));
+        }
+        if a.require_auth && a.users_file.is_none() {
+            p.push(problem(
+                "smtp.auth.require_auth",
+                "needs smtp.auth.users_file, or nobody could send mail",
+            ));
+        }
+        if a.max_failures == 0 {
+            p.push(problem("smtp.auth.max_failures", "must be at least 1"));
+        }
+        if a.failure_delay >= s.command_timeout {
+            p.push(problem(
+                "smtp.auth.failure_delay",
+                "must be shorter than smtp.command_timeout",
+            ));
+        }
         if self.spool.dir.as_os_str().is_empty() {
             p.push(problem("spool.dir", "must not be empty"));
         }
@@ -752,6 +808,33 @@ mod tests {
         let mut c = Config::default();
         c.apply_systemd_dirs(&env, true, true);
         assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn auth_is_off_by_default_and_require_auth_needs_a_users_file() {
+        let c = Config::default();
+        assert_eq!(c.smtp.auth.users_file, None);
+        assert!(!c.smtp.auth.require_auth);
+        let c = Config::from_ron(
+            "(smtp: (auth: (users_file: Some(\"/etc/lsmtpd/users\"), require_auth: true, failure_delay: \"2s\")))",
+        )
+        .unwrap();
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(c.smtp.auth.failure_delay, Duration::from_secs(2));
+        let mut c = Config::default();
+        c.smtp.auth.require_auth = true;
+        c.smtp.auth.max_failures = 0;
+        c.smtp.auth.failure_delay = c.smtp.command_timeout;
+        let errs = c.validate().unwrap_err();
+        let names: Vec<_> = errs.iter().map(|p| p.setting.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "smtp.auth.require_auth",
+                "smtp.auth.max_failures",
+                "smtp.auth.failure_delay"
+            ]
+        );
     }
 
     #[test]

@@ -136,6 +136,8 @@ struct Series {
     failed_attempts: Counter,
     refused_by_broker: Counter,
     connection_failures: Counter,
+    auth_succeeded: Counter,
+    auth_failed: Counter,
     /// queued, deferred, held, inflight.
     spool_messages: [Gauge; 4],
     spool_bytes: Gauge,
@@ -202,6 +204,14 @@ impl Series {
                 "lsmtpd_broker_connection_failures_total",
                 "Broker connections that failed or were lost",
             ),
+            auth_succeeded: counter(
+                "lsmtpd_auth_succeeded_total",
+                "SMTP AUTH exchanges that succeeded (235)",
+            ),
+            auth_failed: counter(
+                "lsmtpd_auth_failed_total",
+                "SMTP AUTH attempts with wrong credentials (535, or 421 after too many)",
+            ),
             spool_messages: ["queued", "deferred", "held", "inflight"].map(by_state),
             spool_bytes: gauge(
                 "lsmtpd_spool_bytes",
@@ -239,6 +249,8 @@ impl Series {
         self.failed_attempts.absolute(c.failed_attempts);
         self.refused_by_broker.absolute(c.refused);
         self.connection_failures.absolute(c.connection_failures);
+        self.auth_succeeded.absolute(c.auth_succeeded);
+        self.auth_failed.absolute(c.auth_failed);
         let sp = &s.spool;
         for (gauge, n) in
             self.spool_messages
@@ -287,6 +299,7 @@ mod tests {
         };
         s.counters.accepted = 3;
         s.counters.confirmed = 2;
+        s.counters.auth_failed = 5;
         s.spool.queued = 1;
         s.spool.inflight = 4;
         s.spool.bytes = 512;
@@ -300,6 +313,8 @@ mod tests {
             "lsmtpd_messages_accepted_total 3",
             "lsmtpd_confirmed_total 2",
             "lsmtpd_nacked_total 0",
+            "lsmtpd_auth_failed_total 5",
+            "lsmtpd_auth_succeeded_total 0",
             "lsmtpd_spool_messages{state=\"queued\"} 1",
             "lsmtpd_spool_messages{state=\"inflight\"} 4",
             "lsmtpd_spool_messages{state=\"held\"} 0",

@@ -32,6 +32,7 @@ use crate::config::Config;
 use crate::exporter::Exporter;
 use crate::forward::{Forwarder, ForwarderHandle};
 use crate::metrics::{Latency, Metrics};
+use crate::smtp::auth_users::AuthUsers;
 use crate::smtp::listener::Listener;
 use crate::smtp::session::SessionContext;
 use crate::spool::Spool;
@@ -47,6 +48,8 @@ pub struct Daemon {
     admin: AdminHandle,
     /// The Prometheus endpoint's task (`metrics.listen`), stopped at the end of `join`.
     exporter: Option<tokio::task::JoinHandle<()>>,
+    /// The SMTP AUTH users table (`smtp.auth.users_file`).
+    auth_users: Option<Arc<AuthUsers>>,
 }
 
 impl Daemon {
@@ -59,6 +62,17 @@ impl Daemon {
             .await
             .context("spool open task failed")?
             .with_context(|| format!("cannot open the spool in {}", config.spool.dir.display()))?;
+        let auth_users = match config.smtp.auth.users_file.clone() {
+            Some(path) => {
+                let users = tokio::task::spawn_blocking(move || AuthUsers::load(&path))
+                    .await
+                    .context("users file task failed")?
+                    .context("smtp.auth.users_file")?;
+                info!(path = %users.path().display(), users = users.len(), "auth_users_loaded");
+                Some(Arc::new(users))
+            }
+            None => None,
+        };
         let started_at_ms = spool::now_ms();
         let admin_listener = AdminListener::bind(&config.admin).await?;
         let exporter = config.metrics.listen.map(Exporter::bind).transpose()?;
@@ -78,6 +92,7 @@ impl Daemon {
             budget: Arc::new(Semaphore::new(budget)),
             metrics: Arc::clone(&metrics),
             token: token.clone(),
+            auth: auth_users.clone(),
         });
 
         let mut sockets = Vec::new();
@@ -130,7 +145,21 @@ impl Daemon {
             sessions,
             admin,
             exporter,
+            auth_users,
         })
+    }
+
+    /// Rereads `smtp.auth.users_file` (on SIGHUP). Logs `auth_users_reloaded` with the number
+    /// of users, or `auth_users_reload_failed` with the file and line, keeping the old table.
+    /// Does nothing when AUTH is not configured.
+    pub async fn reload_auth_users(&self) {
+        let Some(users) = &self.auth_users else {
+            return;
+        };
+        match users.reload().await {
+            Ok(n) => info!(path = %users.path().display(), users = n, "auth_users_reloaded"),
+            Err(e) => warn!(error = %e, "auth_users_reload_failed: keeping the previous users"),
+        }
     }
 
     /// The bound SMTP addresses (useful with port 0).

@@ -16,6 +16,10 @@ pub struct Metrics {
     pub rejected_messages: AtomicU64,
     /// Command lines answered with a syntax error.
     pub rejected_commands: AtomicU64,
+    /// AUTH exchanges that ended in 235.
+    pub auth_succeeded: AtomicU64,
+    /// AUTH attempts with wrong credentials (535, or the 421 after too many).
+    pub auth_failed: AtomicU64,
     /// End of DATA (or the last BDAT chunk) → the 250, for accepted messages.
     pub end_of_data: Latency,
 }

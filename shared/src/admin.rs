@@ -316,6 +316,12 @@ pub struct Counters {
     /// Messages the forwarder held because the broker refused them.
     pub refused: u64,
     pub connection_failures: u64,
+    /// SMTP AUTH successes (235); absent from daemons without AUTH.
+    #[serde(default)]
+    pub auth_succeeded: u64,
+    /// SMTP AUTH attempts with wrong credentials (535 or the final 421).
+    #[serde(default)]
+    pub auth_failed: u64,
 }
 
 /// Recent rates: how much happened in the last `window_ms` (up to a minute; shorter right after

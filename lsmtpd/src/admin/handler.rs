@@ -158,6 +158,8 @@ pub fn status(ctx: &Context, now: u64) -> StatusReport {
             failed_attempts: broker.failed_attempts,
             refused: broker.refused,
             connection_failures: broker.connection_failures,
+            auth_succeeded: load(&m.auth_succeeded),
+            auth_failed: load(&m.auth_failed),
         },
         rates,
     }

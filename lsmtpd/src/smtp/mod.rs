@@ -1,7 +1,9 @@
 //! SMTP: the listener, the per-connection session and the pure protocol core.
 //!
-//! `wire` and `state` are pure (no I/O); `listener` and `session` do the I/O.
+//! `wire`, `state` and `auth` are pure (no I/O); `listener`, `session` and `auth_users` do the I/O.
 
+pub mod auth;
+pub mod auth_users;
 pub mod listener;
 pub mod received;
 pub mod session;

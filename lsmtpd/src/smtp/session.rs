@@ -29,9 +29,10 @@ use tracing::{debug, info, warn};
 
 use crate::config::{BareNewline, SmtpConfig};
 use crate::metrics::Metrics;
+use crate::smtp::auth::{AuthPolicy, Credentials};
+use crate::smtp::auth_users::AuthUsers;
 use crate::smtp::received::received_header;
 use crate::smtp::state::{Effect, Limits, Offer, SmtpState};
-use crate::smtp::wire::command::parse_command;
 use crate::smtp::wire::data::{self, DataError, DataLimits, DotUnstuffer, Feed};
 use crate::smtp::wire::line::{LineBuffer, LineError};
 use crate::smtp::wire::reply::Reply;
@@ -51,6 +52,8 @@ pub struct SessionContext {
     pub budget: Arc<Semaphore>,
     pub metrics: Arc<Metrics>,
     pub token: CancellationToken,
+    /// The users table when `smtp.auth.users_file` is set: AUTH is offered (over TLS).
+    pub auth: Option<Arc<AuthUsers>>,
 }
 
 /// Why a session ended early.
@@ -153,12 +156,17 @@ where
             starttls: false,
         };
         let lines = LineBuffer::new(ctx.config.max_command_line_bytes);
+        let auth = AuthPolicy {
+            enabled: ctx.auth.is_some(),
+            required: ctx.config.auth.require_auth,
+            max_failures: ctx.config.auth.max_failures,
+        };
         Session {
             slots: None,
             stream,
             peer,
             ctx,
-            state: SmtpState::new(limits, offer),
+            state: SmtpState::new(limits, offer).with_auth(auth),
             lines,
             out: Vec::with_capacity(512),
             read_buf: vec![0; READ_CHUNK],
@@ -185,7 +193,7 @@ where
                             .metrics
                             .rejected_commands
                             .fetch_add(1, Ordering::Relaxed);
-                        Reply::command_line_too_long().write_to(&mut self.out);
+                        self.state.on_overlong_line().write_to(&mut self.out);
                         true
                     }
                 };
@@ -265,10 +273,15 @@ where
         }
     }
 
-    /// Runs one command line. Returns false when the session must end.
+    /// Runs one input line (a command, or a response in an AUTH exchange). Returns false when
+    /// the session must end.
     async fn on_line(&mut self, line: &[u8]) -> Result<bool, SessionError> {
-        let cmd = match parse_command(line) {
-            Ok(cmd) => cmd,
+        let spool = &self.ctx.spool;
+        let step = match self
+            .state
+            .on_line(line, &|size| spool.check_capacity(size).is_ok())
+        {
+            Ok(step) => step,
             Err(e) => {
                 self.ctx
                     .metrics
@@ -279,10 +292,6 @@ where
                 return Ok(true);
             }
         };
-        let spool = &self.ctx.spool;
-        let step = self
-            .state
-            .on_command(cmd, &|size| spool.check_capacity(size).is_ok());
         if let Some(reply) = &step.reply {
             reply.write_to(&mut self.out);
         }
@@ -294,7 +303,35 @@ where
             Effect::DiscardBdat { size } => self.discard_bdat(size).await,
             // TLS is not configured in this build: the state machine never asks for it.
             Effect::StartTls => Ok(true),
+            Effect::CheckCredentials(creds) => self.check_credentials(creds).await,
         }
+    }
+
+    /// Checks AUTH credentials on the blocking pool, delays a failure by
+    /// `smtp.auth.failure_delay`, counts and logs the outcome (the user name, never the
+    /// password), and writes the state machine's reply.
+    async fn check_credentials(&mut self, creds: Credentials) -> Result<bool, SessionError> {
+        let user = creds.user.clone();
+        let valid = match &self.ctx.auth {
+            Some(users) => users.check(creds).await,
+            None => false,
+        };
+        let metrics = &self.ctx.metrics;
+        if valid {
+            metrics.auth_succeeded.fetch_add(1, Ordering::Relaxed);
+            info!(client_ip = %self.peer, user = ?user, "auth_succeeded");
+        } else {
+            metrics.auth_failed.fetch_add(1, Ordering::Relaxed);
+            warn!(client_ip = %self.peer, user = ?user, "auth_failed");
+            // Replies queued before the AUTH go out now; the 535 only after the delay.
+            self.flush().await?;
+            tokio::time::sleep(self.ctx.config.auth.failure_delay).await;
+        }
+        let step = self.state.on_auth_checked(valid);
+        if let Some(reply) = &step.reply {
+            reply.write_to(&mut self.out);
+        }
+        Ok(step.effect != Effect::Close)
     }
 
     /// Builds the `Received:` header and a fresh id for the message that is starting.
@@ -484,7 +521,7 @@ where
             client_ip: self.peer,
             helo,
             tls,
-            auth_user: None,
+            auth_user: self.state.auth_user().map(str::to_string),
             mail_from: mail_from.clone(),
             rcpt_to,
             body: Bytes::from(bytes),

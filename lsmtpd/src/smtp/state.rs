@@ -10,8 +10,13 @@
 //! - DATA and BDAT are only reachable with at least one accepted recipient; a BDAT chunk is always
 //!   read (or discarded) in full, even when the command is refused (RFC 3030 §3).
 //! - DATA and BDAT never mix within one transaction.
+//! - While an AUTH exchange is open, input lines are SASL responses, not commands: [`SmtpState::on_line`]
+//!   routes them to the exchange. AUTH is offered and accepted only over TLS.
 
-use crate::smtp::wire::command::{BodyType, Command, ForwardPath, MailParams, ReversePath};
+use crate::smtp::auth::{self, AuthPolicy, Credentials, Exchange, Mechanism, Progress};
+use crate::smtp::wire::command::{
+    parse_command, BodyType, Command, ForwardPath, MailParams, ParseError, ReversePath,
+};
 use crate::smtp::wire::reply::Reply;
 
 /// Limits the state machine enforces.
@@ -38,6 +43,9 @@ pub enum Effect {
     },
     /// Upgrade the connection to TLS after the 220; then call [`SmtpState::on_tls_started`].
     StartTls,
+    /// Check these credentials (off the async threads), wait `failure_delay` if they are wrong,
+    /// then call [`SmtpState::on_auth_checked`] and send its reply.
+    CheckCredentials(Credentials),
     /// Close the connection after the reply.
     Close,
 }
@@ -98,6 +106,15 @@ pub struct SmtpState {
     body_mode: BodyMode,
     /// A refusal found while BDAT chunks were arriving, answered at the last chunk.
     bdat_refusal: Option<Reply>,
+    auth_policy: AuthPolicy,
+    /// The user who authenticated on this connection.
+    auth_user: Option<String>,
+    /// An AUTH exchange waiting for the client's next response line.
+    exchange: Option<Exchange>,
+    /// The user whose credentials are being checked ([`Effect::CheckCredentials`]).
+    checking: Option<String>,
+    /// Failed AUTH attempts on this connection.
+    auth_failures: u32,
 }
 
 impl SmtpState {
@@ -110,7 +127,23 @@ impl SmtpState {
             envelope: None,
             body_mode: BodyMode::None,
             bdat_refusal: None,
+            auth_policy: AuthPolicy::default(),
+            auth_user: None,
+            exchange: None,
+            checking: None,
+            auth_failures: 0,
         }
+    }
+
+    /// Turns AUTH on (it is off unless a users file is configured).
+    pub fn with_auth(mut self, policy: AuthPolicy) -> SmtpState {
+        self.auth_policy = policy;
+        self
+    }
+
+    /// The user who authenticated on this connection, if any.
+    pub fn auth_user(&self) -> Option<&str> {
+        self.auth_user.as_deref()
     }
 
     pub fn greeting(&self) -> Option<&Greeting> {
@@ -125,17 +158,23 @@ impl SmtpState {
         self.tls
     }
 
-    /// The protocol name for the `Received:` header (RFC 3848, RFC 6531).
+    /// The protocol name for the `Received:` header (RFC 3848, RFC 6531): `A` marks an
+    /// authenticated session (AUTH needs EHLO, so plain SMTP never has it).
     pub fn protocol_name(&self) -> &'static str {
         let extended = self.greeting.as_ref().is_some_and(|g| g.extended);
         let utf8 = self.envelope.as_ref().is_some_and(|e| e.params.smtputf8);
-        match (extended, utf8, self.tls) {
-            (false, _, false) => "SMTP",
-            (false, _, true) => "SMTPS",
-            (true, false, false) => "ESMTP",
-            (true, false, true) => "ESMTPS",
-            (true, true, false) => "UTF8SMTP",
-            (true, true, true) => "UTF8SMTPS",
+        let authed = self.auth_user.is_some();
+        match (extended, utf8, self.tls, authed) {
+            (false, _, false, _) => "SMTP",
+            (false, _, true, _) => "SMTPS",
+            (true, false, false, false) => "ESMTP",
+            (true, false, false, true) => "ESMTPA",
+            (true, false, true, false) => "ESMTPS",
+            (true, false, true, true) => "ESMTPSA",
+            (true, true, false, false) => "UTF8SMTP",
+            (true, true, false, true) => "UTF8SMTPA",
+            (true, true, true, false) => "UTF8SMTPS",
+            (true, true, true, true) => "UTF8SMTPSA",
         }
     }
 
@@ -152,6 +191,9 @@ impl SmtpState {
         if self.offer.starttls && !self.tls {
             lines.push("STARTTLS".to_string());
         }
+        if self.auth_policy.enabled && self.tls {
+            lines.push(format!("AUTH {}", auth::MECHANISMS));
+        }
         lines.push("HELP".to_string());
         Reply::ehlo(
             &format!("{} greets {}", self.offer.server_name, client),
@@ -163,6 +205,29 @@ impl SmtpState {
         self.envelope = None;
         self.body_mode = BodyMode::None;
         self.bdat_refusal = None;
+    }
+
+    /// Runs one input line: a SASL response while an AUTH exchange is open, a command otherwise.
+    /// A command that does not parse is returned as the error (the session counts and answers it).
+    pub fn on_line(
+        &mut self,
+        line: &[u8],
+        has_room: &dyn Fn(u64) -> bool,
+    ) -> Result<Step, ParseError> {
+        if let Some(exchange) = self.exchange.take() {
+            return Ok(self.on_auth_progress(exchange.respond(line)));
+        }
+        parse_command(line).map(|cmd| self.on_command(cmd, has_room))
+    }
+
+    /// A line over the length limit arrived: the reply. During an AUTH exchange it ends the
+    /// exchange (RFC 4954 §4: 500 5.5.6).
+    pub fn on_overlong_line(&mut self) -> Reply {
+        if self.exchange.take().is_some() {
+            Reply::auth_line_too_long()
+        } else {
+            Reply::command_line_too_long()
+        }
     }
 
     /// Runs one command. `has_room(size)` asks the spool whether a message of `size` bytes
@@ -186,7 +251,8 @@ impl SmtpState {
             },
             Command::Help => Step::reply(Reply::help()),
             Command::Vrfy(_) => Step::reply(Reply::cannot_verify()),
-            Command::Expn(_) | Command::Auth { .. } => Step::reply(Reply::not_implemented()),
+            Command::Expn(_) => Step::reply(Reply::not_implemented()),
+            Command::Auth { mechanism, initial } => self.on_auth(&mechanism, initial.as_deref()),
             Command::StartTls => self.on_starttls(),
         }
     }
@@ -218,6 +284,10 @@ impl SmtpState {
             return Step::reply(Reply::nested_mail());
         }
         let extended = greeting.extended;
+        if self.auth_policy.required && self.auth_user.is_none() {
+            return Step::reply(Reply::auth_required());
+        }
+        // `AUTH=` (RFC 4954 §5) is parsed and ignored: we do not relay to other servers.
         if !extended && (params.size.is_some() || params.body.is_some() || params.smtputf8) {
             return Step::reply(Reply::new(
                 555,
@@ -321,11 +391,76 @@ impl SmtpState {
         }
     }
 
-    /// TLS is up: everything learned before is forgotten (RFC 3207 §4.2).
+    /// TLS is up: everything learned before is forgotten (RFC 3207 §4.2). The AUTH failure
+    /// count stays: it is about the client, not the channel.
     pub fn on_tls_started(&mut self) {
         self.tls = true;
         self.greeting = None;
+        self.auth_user = None;
+        self.exchange = None;
         self.reset_transaction();
+    }
+
+    fn on_auth(&mut self, mechanism: &str, initial: Option<&str>) -> Step {
+        if !self.auth_policy.enabled {
+            return Step::reply(Reply::not_implemented());
+        }
+        if !self.greeting.as_ref().is_some_and(|g| g.extended) {
+            return Step::reply(Reply::need_helo());
+        }
+        if self.auth_user.is_some() {
+            return Step::reply(Reply::already_authenticated());
+        }
+        if self.envelope.is_some() || self.body_mode == BodyMode::Bdat {
+            return Step::reply(Reply::auth_in_transaction());
+        }
+        let Some(mechanism) = Mechanism::from_name(mechanism) else {
+            return Step::reply(Reply::auth_mechanism_unknown());
+        };
+        if !self.tls {
+            return Step::reply(Reply::auth_needs_tls());
+        }
+        self.on_auth_progress(Exchange::start(mechanism, initial))
+    }
+
+    fn on_auth_progress(&mut self, progress: Progress) -> Step {
+        match progress {
+            Progress::Continue(exchange, challenge) => {
+                self.exchange = Some(exchange);
+                Step::reply(challenge)
+            }
+            Progress::Fail(reply) => Step::reply(reply),
+            Progress::Verify(creds) => {
+                self.checking = Some(creds.user.clone());
+                Step {
+                    reply: None,
+                    effect: Effect::CheckCredentials(creds),
+                }
+            }
+        }
+    }
+
+    /// The credentials of [`Effect::CheckCredentials`] were checked: `235`, `535`, or after
+    /// `max_failures` failures `421` and close.
+    pub fn on_auth_checked(&mut self, valid: bool) -> Step {
+        let user = self.checking.take();
+        match user {
+            Some(user) if valid => {
+                self.auth_user = Some(user);
+                Step::reply(Reply::auth_succeeded())
+            }
+            _ => {
+                self.auth_failures = self.auth_failures.saturating_add(1);
+                if self.auth_failures >= self.auth_policy.max_failures.max(1) {
+                    Step {
+                        reply: Some(Reply::too_many_auth_failures()),
+                        effect: Effect::Close,
+                    }
+                } else {
+                    Step::reply(Reply::auth_invalid())
+                }
+            }
+        }
     }
 
     /// Records a refusal found while receiving BDAT chunks (too large, over the memory budget);
@@ -540,5 +675,172 @@ mod tests {
     fn vrfy_gets_252() {
         let mut s = state();
         assert_eq!(code(&run(&mut s, "VRFY postmaster")), 252);
+    }
+
+    // --- AUTH ---------------------------------------------------------------------------
+
+    const POLICY: AuthPolicy = AuthPolicy {
+        enabled: true,
+        required: false,
+        max_failures: 3,
+    };
+
+    /// A state with AUTH on, TLS up and EHLO done.
+    fn authable(policy: AuthPolicy) -> SmtpState {
+        let mut s = state().with_auth(policy);
+        s.on_tls_started();
+        assert_eq!(code(&line(&mut s, "EHLO c")), 250);
+        s
+    }
+
+    fn line(s: &mut SmtpState, text: &str) -> Step {
+        s.on_line(text.as_bytes(), &|_| true)
+            .expect("test line parses")
+    }
+
+    fn b64(bytes: &[u8]) -> String {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    }
+
+    fn ehlo_text(s: &mut SmtpState) -> String {
+        let step = line(s, "EHLO c");
+        String::from_utf8(step.reply.expect("reply").to_bytes()).expect("ascii")
+    }
+
+    #[test]
+    fn auth_is_advertised_only_over_tls_with_users() {
+        let mut s = state().with_auth(POLICY);
+        assert!(!ehlo_text(&mut s).contains("AUTH"));
+        s.on_tls_started();
+        assert!(ehlo_text(&mut s).contains("250-AUTH PLAIN LOGIN\r\n"));
+        let mut s = state();
+        s.on_tls_started();
+        assert!(!ehlo_text(&mut s).contains("AUTH"));
+        assert_eq!(code(&line(&mut s, "AUTH PLAIN")), 502);
+    }
+
+    #[test]
+    fn auth_before_tls_gets_538() {
+        let mut s = state().with_auth(POLICY);
+        line(&mut s, "EHLO c");
+        let step = line(&mut s, &format!("AUTH PLAIN {}", b64(b"\0a\0b")));
+        assert_eq!(code(&step), 538);
+        assert_eq!(step.reply.expect("reply").enhanced(), Some((5, 7, 11)));
+        assert_eq!(step.effect, Effect::None);
+    }
+
+    #[test]
+    fn plain_with_initial_response_asks_to_check_then_succeeds() {
+        let mut s = authable(POLICY);
+        let step = line(&mut s, &format!("AUTH PLAIN {}", b64(b"\0alice\0pw")));
+        assert_eq!(step.reply, None);
+        let Effect::CheckCredentials(creds) = step.effect else {
+            panic!("expected a credentials check, got {:?}", step.effect);
+        };
+        assert_eq!(
+            (creds.user.as_str(), creds.password.as_slice()),
+            ("alice", &b"pw"[..])
+        );
+        assert_eq!(code(&s.on_auth_checked(true)), 235);
+        assert_eq!(s.auth_user(), Some("alice"));
+        assert_eq!(s.protocol_name(), "ESMTPSA");
+        assert_eq!(code(&line(&mut s, "AUTH PLAIN")), 503, "a second AUTH");
+    }
+
+    #[test]
+    fn login_continuation_lines_go_to_the_exchange_not_the_parser() {
+        let mut s = authable(POLICY);
+        let step = line(&mut s, "AUTH LOGIN");
+        assert_eq!(
+            step.reply.expect("reply").to_bytes(),
+            b"334 VXNlcm5hbWU6\r\n"
+        );
+        // "QUIT" as a response is base64 for bytes, not the QUIT command: the exchange takes it.
+        let step = line(&mut s, "UVVJVA==");
+        assert_eq!(
+            step.reply.expect("reply").to_bytes(),
+            b"334 UGFzc3dvcmQ6\r\n"
+        );
+        let step = line(&mut s, &b64(b"pw"));
+        assert!(matches!(step.effect, Effect::CheckCredentials(ref c) if c.user == "QUIT"));
+        // A raw command word during the exchange is a malformed response, not a command.
+        let mut s = authable(POLICY);
+        line(&mut s, "AUTH LOGIN");
+        let step = line(&mut s, "QUIT");
+        assert_eq!(code(&step), 501);
+        assert_eq!(step.effect, Effect::None);
+        // The exchange is over: the next line is a command again.
+        assert_eq!(line(&mut s, "QUIT").effect, Effect::Close);
+    }
+
+    #[test]
+    fn star_cancels_the_exchange_with_501_5_0_0() {
+        let mut s = authable(POLICY);
+        line(&mut s, "AUTH PLAIN");
+        let step = line(&mut s, "*");
+        assert_eq!(code(&step), 501);
+        assert_eq!(step.reply.expect("reply").enhanced(), Some((5, 0, 0)));
+        assert_eq!(code(&line(&mut s, "NOOP")), 250);
+    }
+
+    #[test]
+    fn an_overlong_line_ends_the_exchange_with_500_5_5_6() {
+        let mut s = authable(POLICY);
+        line(&mut s, "AUTH LOGIN");
+        let r = s.on_overlong_line();
+        assert_eq!((r.code(), r.enhanced()), (500, Some((5, 5, 6))));
+        assert_eq!(code(&line(&mut s, "NOOP")), 250);
+        assert_eq!(s.on_overlong_line().enhanced(), Some((5, 5, 2)));
+    }
+
+    #[test]
+    fn auth_sequence_errors() {
+        let mut s = state().with_auth(POLICY);
+        s.on_tls_started();
+        assert_eq!(code(&line(&mut s, "AUTH PLAIN")), 503, "before EHLO");
+        line(&mut s, "HELO c");
+        assert_eq!(code(&line(&mut s, "AUTH PLAIN")), 503, "after HELO");
+        line(&mut s, "EHLO c");
+        assert_eq!(code(&line(&mut s, "AUTH CRAM-MD5")), 504);
+        line(&mut s, "MAIL FROM:<a@b.c>");
+        assert_eq!(code(&line(&mut s, "AUTH PLAIN")), 503, "in a transaction");
+    }
+
+    #[test]
+    fn failures_get_535_until_the_limit_then_421_and_close() {
+        let mut s = authable(POLICY);
+        for _ in 0..2 {
+            line(&mut s, &format!("AUTH PLAIN {}", b64(b"\0a\0wrong")));
+            let step = s.on_auth_checked(false);
+            assert_eq!(code(&step), 535);
+            assert_eq!(step.effect, Effect::None);
+        }
+        line(&mut s, &format!("AUTH PLAIN {}", b64(b"\0a\0wrong")));
+        let step = s.on_auth_checked(false);
+        assert_eq!(code(&step), 421);
+        assert_eq!(step.effect, Effect::Close);
+        assert_eq!(s.auth_user(), None);
+    }
+
+    #[test]
+    fn require_auth_refuses_mail_until_authenticated() {
+        let mut s = authable(AuthPolicy {
+            required: true,
+            ..POLICY
+        });
+        let step = line(&mut s, "MAIL FROM:<a@b.c>");
+        assert_eq!(code(&step), 530);
+        assert_eq!(step.reply.expect("reply").enhanced(), Some((5, 7, 0)));
+        line(&mut s, &format!("AUTH PLAIN {}", b64(b"\0a\0pw")));
+        s.on_auth_checked(true);
+        assert_eq!(code(&line(&mut s, "MAIL FROM:<a@b.c> AUTH=<>")), 250);
+        assert_eq!(code(&line(&mut s, "RCPT TO:<x@y.z>")), 250);
+        assert_eq!(line(&mut s, "DATA").effect, Effect::ReadData);
+        // RSET and a new EHLO keep the authentication.
+        line(&mut s, "RSET");
+        line(&mut s, "EHLO again");
+        assert_eq!(s.auth_user(), Some("a"));
+        assert_eq!(code(&line(&mut s, "MAIL FROM:<a@b.c>")), 250);
     }
 }

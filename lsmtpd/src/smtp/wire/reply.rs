@@ -259,6 +259,85 @@ impl Reply {
         )
     }
 
+    // --- Authentication (RFC 4954) ------------------------------------------------------
+
+    /// `334 <base64>` — a SASL challenge; PLAIN's is empty (`334 `).
+    pub fn auth_challenge(challenge: &str) -> Self {
+        Self::new(334, None, challenge)
+    }
+
+    /// `235 2.7.0 Authentication successful`.
+    pub fn auth_succeeded() -> Self {
+        Self::new(235, Some((2, 7, 0)), "Authentication successful")
+    }
+
+    /// `535 5.7.8 Authentication credentials invalid` — wrong user, password or authzid.
+    pub fn auth_invalid() -> Self {
+        Self::new(535, Some((5, 7, 8)), "Authentication credentials invalid")
+    }
+
+    /// `501 5.5.2 ...` — a response that is not base64 or not what the mechanism expects.
+    pub fn auth_malformed(detail: &dyn fmt::Display) -> Self {
+        Self::new(
+            501,
+            Some((5, 5, 2)),
+            format!("Cannot decode response: {detail}"),
+        )
+    }
+
+    /// `501 5.0.0 Authentication cancelled` — the client answered a challenge with `*`.
+    pub fn auth_cancelled() -> Self {
+        Self::new(501, Some((5, 0, 0)), "Authentication cancelled")
+    }
+
+    /// `503 5.5.1 Already authenticated` (RFC 4954 §4: a second AUTH is refused).
+    pub fn already_authenticated() -> Self {
+        Self::new(503, Some((5, 5, 1)), "Already authenticated")
+    }
+
+    /// `503 5.5.1 AUTH not permitted during a mail transaction` (RFC 4954 §4).
+    pub fn auth_in_transaction() -> Self {
+        Self::new(
+            503,
+            Some((5, 5, 1)),
+            "AUTH not permitted during a mail transaction",
+        )
+    }
+
+    /// `504 5.5.4 Unrecognized authentication type` — a mechanism we do not offer.
+    pub fn auth_mechanism_unknown() -> Self {
+        Self::new(504, Some((5, 5, 4)), "Unrecognized authentication type")
+    }
+
+    /// `538 5.7.11 Encryption required for requested authentication mechanism` — AUTH before
+    /// TLS: PLAIN and LOGIN send the password in the clear.
+    pub fn auth_needs_tls() -> Self {
+        Self::new(
+            538,
+            Some((5, 7, 11)),
+            "Encryption required for requested authentication mechanism",
+        )
+    }
+
+    /// `530 5.7.0 Authentication required` — MAIL without AUTH under `smtp.auth.require_auth`.
+    pub fn auth_required() -> Self {
+        Self::new(530, Some((5, 7, 0)), "Authentication required")
+    }
+
+    /// `421 4.7.0 Too many authentication failures` — then the connection is closed.
+    pub fn too_many_auth_failures() -> Self {
+        Self::new(421, Some((4, 7, 0)), "Too many authentication failures")
+    }
+
+    /// `500 5.5.6 Authentication Exchange line is too long` (RFC 4954 §4); the exchange ends.
+    pub fn auth_line_too_long() -> Self {
+        Self::new(
+            500,
+            Some((5, 5, 6)),
+            "Authentication Exchange line is too long",
+        )
+    }
+
     // --- Syntax (also produced by `ParseError::reply`) -----------------------------------
 
     /// `500 5.5.1 Command unrecognized`.
