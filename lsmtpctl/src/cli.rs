@@ -49,6 +49,19 @@ pub enum Command {
         #[arg(long, value_parser = humantime::parse_duration)]
         timeout: Option<Duration>,
     },
+    /// Print a users-file line for SMTP AUTH: `USER:$argon2id$...`.
+    ///
+    /// The password is read from standard input: on a terminal it is asked twice without echo;
+    /// from a pipe or file it is the first line, without its line ending (`printf '%s\n' "$PW" |
+    /// lsmtpctl hash-password alice`). The hash is argon2id with the recommended parameters
+    /// (m=19456 KiB, t=2, p=1) and a random salt. Append the line to the file named by
+    /// smtp.auth.users_file and reload lsmtpd (SIGHUP, `systemctl reload lsmtpd`). Needs no
+    /// running daemon.
+    HashPassword {
+        /// The user name (1-255 bytes, no ':', no whitespace). Without it only the hash is
+        /// printed.
+        user: Option<String>,
+    },
     /// Print a shell completion script (e.g. `lsmtpctl completions bash > /etc/bash_completion.d/lsmtpctl`).
     Completions {
         #[arg(value_enum)]

@@ -48,6 +48,69 @@ fn help_completions_and_man_page_exit_0() {
     assert!(String::from_utf8_lossy(&o.stdout).starts_with(".ie"));
 }
 
+fn ctl_with_stdin(args: &[&str], input: &[u8]) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lsmtpctl"))
+        .args(args)
+        .env_remove("LSMTPD_ADMIN_SOCKET")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn hash_password_prints_a_users_file_line_the_daemon_verifies() {
+    use lsmtpd::smtp::auth::{parse_users, Credentials, UserDb};
+    let o = ctl_with_stdin(&["hash-password", "alice@example.org"], b"s3cret pw\n");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let line = String::from_utf8(o.stdout).unwrap();
+    assert!(
+        line.starts_with("alice@example.org:$argon2id$v=19$m=19456,t=2,p=1$"),
+        "{line}"
+    );
+    assert!(
+        line.ends_with('\n') && line.lines().count() == 1,
+        "{line:?}"
+    );
+    let db = UserDb::new(parse_users(&line).unwrap());
+    let creds = |pw: &str| Credentials {
+        authzid: String::new(),
+        user: "alice@example.org".into(),
+        password: pw.as_bytes().to_vec(),
+    };
+    assert!(
+        db.verify(&creds("s3cret pw")),
+        "the line ending is not part of the password"
+    );
+    assert!(!db.verify(&creds("s3cret pw\n")));
+    // Without a user: the hash alone, salted afresh each time.
+    let a = ctl_with_stdin(&["hash-password"], b"pw");
+    let b = ctl_with_stdin(&["hash-password"], b"pw");
+    assert!(a.stdout.starts_with(b"$argon2id$"), "{}", stderr(&a));
+    assert_ne!(a.stdout, b.stdout);
+}
+
+#[test]
+fn hash_password_refuses_bad_user_names_and_bad_input() {
+    for user in ["a:b", "a b", ""] {
+        let o = ctl_with_stdin(&["hash-password", user], b"pw\n");
+        assert_eq!(o.status.code(), Some(2), "{user:?}");
+        assert!(o.stdout.is_empty());
+        assert!(stderr(&o).contains("user name"), "{}", stderr(&o));
+    }
+    let o = ctl_with_stdin(&["hash-password", "alice"], b"\n");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("empty"), "{}", stderr(&o));
+    let o = ctl_with_stdin(&["hash-password", "alice"], b"one\ntwo\n");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("more than one line"), "{}", stderr(&o));
+    assert!(o.stdout.is_empty());
+}
+
 fn spool_with_messages(dir: &std::path::Path, n: usize) -> (Spool, Vec<MessageId>) {
     let spool = Spool::open(&SpoolConfig {
         dir: dir.to_path_buf(),

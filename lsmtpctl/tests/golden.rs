@@ -214,3 +214,16 @@ fn action_and_drain_text() {
     text.push('\n');
     check("actions.txt", &text);
 }
+
+#[test]
+fn hash_password_help() {
+    use clap::CommandFactory;
+    let mut cmd = lsmtpctl::cli::Cli::command();
+    let sub = cmd
+        .find_subcommand_mut("hash-password")
+        .expect("hash-password exists");
+    check(
+        "hash_password_help.txt",
+        &sub.render_long_help().to_string(),
+    );
+}

@@ -3,6 +3,7 @@
 
 pub mod drain;
 pub mod generate;
+pub mod hash_password;
 pub mod queue;
 pub mod status;
 
@@ -18,6 +19,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Completions { shell } => return generate::completions(*shell),
         Command::Man => return generate::man(),
+        Command::HashPassword { user } => return hash_password::run(user.as_deref()),
         _ => {}
     }
     let mut backend = backend(&cli)?;
@@ -25,7 +27,9 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status => status::run(&mut backend, cli.json),
         Command::Queue(q) => queue::run(&mut backend, q, cli.json),
         Command::Drain { timeout } => drain::run(&mut backend, timeout, cli.json),
-        Command::Completions { .. } | Command::Man => Ok(ExitCode::SUCCESS),
+        Command::Completions { .. } | Command::Man | Command::HashPassword { .. } => {
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
