@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use crate::forward::config::AmqpConfig;
+pub use crate::smtp::tls::TlsConfig;
 
 /// Exit code for any configuration problem (`EX_CONFIG` from sysexits.h).
 pub const EXIT_CONFIG: u8 = 78;
@@ -74,6 +75,8 @@ pub struct SmtpConfig {
     /// Message bytes all sessions together may hold in memory while receiving; over it the
     /// message gets 452 4.3.1 at its end. Must be at least `max_message_bytes`.
     pub memory_budget_bytes: u64,
+    /// STARTTLS and implicit TLS (`smtp::tls`); off until a certificate is configured.
+    pub tls: TlsConfig,
 }
 
 impl Default for SmtpConfig {
@@ -91,6 +94,7 @@ impl Default for SmtpConfig {
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(180),
             memory_budget_bytes: 64 * 1024 * 1024,
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -224,6 +228,8 @@ pub const ENV_VARS: &[&str] = &[
     "LSMTPD_ADMIN_SOCKET",
     "LSMTPD_LOG",
     "LSMTPD_METRICS_LISTEN",
+    "LSMTPD_TLS_CERT",
+    "LSMTPD_TLS_KEY",
 ];
 
 impl Config {
@@ -411,6 +417,12 @@ impl Config {
                 )),
             }
         }
+        if let Some(v) = get("LSMTPD_TLS_CERT") {
+            self.smtp.tls.cert_file = Some(PathBuf::from(v));
+        }
+        if let Some(v) = get("LSMTPD_TLS_KEY") {
+            self.smtp.tls.key_file = Some(PathBuf::from(v));
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -477,6 +489,7 @@ impl Config {
                 ),
             ));
         }
+        s.tls.validate(&s.listen, &mut p);
         if self.spool.dir.as_os_str().is_empty() {
             p.push(problem("spool.dir", "must not be empty"));
         }
@@ -689,6 +702,32 @@ mod tests {
             assert_eq!(errs.len(), 1, "{errs:?}");
             assert_eq!(errs[0].setting, "metrics.listen", "{bad}");
         }
+    }
+
+    #[test]
+    fn tls_is_off_by_default_and_files_come_from_file_or_env() {
+        let c = Config::default();
+        assert!(!c.smtp.tls.enabled());
+        let mut c = Config::from_ron(
+            "(smtp: (tls: (cert_file: Some(\"/c.pem\"), key_file: Some(\"/k.pem\"), required: true)))",
+        )
+        .unwrap();
+        assert!(c.smtp.tls.enabled() && c.smtp.tls.required);
+        assert_eq!(c.validate(), Ok(()));
+        c.apply_env(&env_of(&[
+            ("LSMTPD_TLS_CERT", "/e/c.pem"),
+            ("LSMTPD_TLS_KEY", "/e/k.pem"),
+        ]))
+        .unwrap();
+        assert_eq!(c.smtp.tls.cert_file, Some(PathBuf::from("/e/c.pem")));
+        assert_eq!(c.smtp.tls.key_file, Some(PathBuf::from("/e/k.pem")));
+    }
+
+    #[test]
+    fn require_tls_without_a_certificate_is_a_config_error() {
+        let c = Config::from_ron("(smtp: (tls: (required: true)))").unwrap();
+        let errs = c.validate().unwrap_err();
+        assert_eq!(errs[0].setting, "smtp.tls.required");
     }
 
     #[test]

@@ -95,20 +95,26 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let grace = config.shutdown.grace;
     let token = CancellationToken::new();
     // Signal handlers first: a SIGHUP (systemctl reload) right after READY=1 must not kill us.
-    let shutdown = shutdown_signal()?;
+    let mut signals = Signals::install()?;
     let daemon = Daemon::start(config, token.clone()).await?;
     info!(version = env!("CARGO_PKG_VERSION"), "lsmtpd_ready");
     notify::ready();
     let spool = daemon.spool().clone();
-    tokio::select! {
-        () = shutdown => {}
-        _ = spool.poisoned() => {
+    let poisoned = spool.poisoned();
+    tokio::pin!(poisoned);
+    loop {
+        tokio::select! {
+            _ = signals.term.recv() => break,
+            _ = signals.int.recv() => break,
+            _ = signals.hup.recv() => daemon.reload(),
+            _ = &mut poisoned => {
             // sled cannot write again after a failed write, and tearing it down can hang in its
             // own flush, so this is the one path that exits without a graceful shutdown. It is as
             // safe as a crash, which the spool is built for: every 250 was fsynced first, and
             // anything unconfirmed at the broker is still spooled and is sent after the restart.
             error!("spool_failed: exiting for the service manager to restart lsmtpd");
             std::process::exit(EXIT_SPOOL_FAILED);
+            }
         }
     }
     info!("shutdown_requested");
@@ -133,24 +139,23 @@ impl std::io::Write for LossyStderr {
     }
 }
 
-/// Installs the handlers now and resolves on SIGTERM or SIGINT. SIGHUP (`systemctl reload`)
-/// only logs: nothing is reloadable yet (TLS certificates will be).
-fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    Ok(async move {
-        loop {
-            tokio::select! {
-                _ = term.recv() => return,
-                _ = int.recv() => return,
-                _ = hup.recv() => info!(
-                    "reload_requested: nothing to reload yet; restart lsmtpd to apply a changed configuration"
-                ),
-            }
-        }
-    })
+/// The signals the daemon acts on, installed before the daemon starts.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    /// SIGHUP (`systemctl reload`): [`Daemon::reload`] (the TLS certificate).
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
 }
 
 /// Defaults, then the file, then systemd's directories where the file named none, then the
@@ -179,5 +184,8 @@ fn load_config(args: &Args) -> Result<Config, Vec<Problem>> {
     config.apply_systemd_dirs(&env, file_spool_dir, file_socket);
     config.apply_env(&env)?;
     config.validate()?;
+    // The certificate and key are read here, so a bad one fails --check-config and startup
+    // with exit 78 like any other configuration error.
+    lsmtpd::smtp::tls::check_files(&config.smtp.tls).map_err(|p| vec![p])?;
     Ok(config)
 }
