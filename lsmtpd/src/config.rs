@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use crate::forward::config::AmqpConfig;
+pub use crate::smtp::tls::TlsConfig;
 
 /// Exit code for any configuration problem (`EX_CONFIG` from sysexits.h).
 pub const EXIT_CONFIG: u8 = 78;
@@ -74,6 +75,8 @@ pub struct SmtpConfig {
     /// Message bytes all sessions together may hold in memory while receiving; over it the
     /// message gets 452 4.3.1 at its end. Must be at least `max_message_bytes`.
     pub memory_budget_bytes: u64,
+    /// STARTTLS and implicit TLS (`smtp::tls`); off until a certificate is configured.
+    pub tls: TlsConfig,
     /// SMTP AUTH (RFC 4954), offered over TLS only.
     pub auth: AuthConfig,
 }
@@ -121,6 +124,7 @@ impl Default for SmtpConfig {
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(180),
             memory_budget_bytes: 64 * 1024 * 1024,
+            tls: TlsConfig::default(),
             auth: AuthConfig::default(),
         }
     }
@@ -255,6 +259,8 @@ pub const ENV_VARS: &[&str] = &[
     "LSMTPD_ADMIN_SOCKET",
     "LSMTPD_LOG",
     "LSMTPD_METRICS_LISTEN",
+    "LSMTPD_TLS_CERT",
+    "LSMTPD_TLS_KEY",
 ];
 
 impl Config {
@@ -442,6 +448,12 @@ impl Config {
                 )),
             }
         }
+        if let Some(v) = get("LSMTPD_TLS_CERT") {
+            self.smtp.tls.cert_file = Some(PathBuf::from(v));
+        }
+        if let Some(v) = get("LSMTPD_TLS_KEY") {
+            self.smtp.tls.key_file = Some(PathBuf::from(v));
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -508,6 +520,7 @@ impl Config {
                 ),
             ));
         }
+        s.tls.validate(&s.listen, &mut p);
         let a = &s.auth;
         if a.users_file
             .as_ref()
@@ -516,6 +529,12 @@ impl Config {
             p.push(problem(
                 "smtp.auth.users_file",
                 "must not be empty (use None for no AUTH)",
+            ));
+        }
+        if a.users_file.is_some() && s.tls.cert_file.is_none() {
+            p.push(problem(
+                "smtp.auth.users_file",
+                "needs TLS (smtp.tls.cert_file and key_file): AUTH is only offered over TLS",
             ));
         }
         if a.require_auth && a.users_file.is_none() {
@@ -748,6 +767,32 @@ mod tests {
     }
 
     #[test]
+    fn tls_is_off_by_default_and_files_come_from_file_or_env() {
+        let c = Config::default();
+        assert!(!c.smtp.tls.enabled());
+        let mut c = Config::from_ron(
+            "(smtp: (tls: (cert_file: Some(\"/c.pem\"), key_file: Some(\"/k.pem\"), required: true)))",
+        )
+        .unwrap();
+        assert!(c.smtp.tls.enabled() && c.smtp.tls.required);
+        assert_eq!(c.validate(), Ok(()));
+        c.apply_env(&env_of(&[
+            ("LSMTPD_TLS_CERT", "/e/c.pem"),
+            ("LSMTPD_TLS_KEY", "/e/k.pem"),
+        ]))
+        .unwrap();
+        assert_eq!(c.smtp.tls.cert_file, Some(PathBuf::from("/e/c.pem")));
+        assert_eq!(c.smtp.tls.key_file, Some(PathBuf::from("/e/k.pem")));
+    }
+
+    #[test]
+    fn require_tls_without_a_certificate_is_a_config_error() {
+        let c = Config::from_ron("(smtp: (tls: (required: true)))").unwrap();
+        let errs = c.validate().unwrap_err();
+        assert_eq!(errs[0].setting, "smtp.tls.required");
+    }
+
+    #[test]
     fn vhost_takes_plain_and_encoded_names() {
         for (given, want) in [("/", "/"), ("%2F", "/"), ("mail", "mail"), ("a%2fb", "a/b")] {
             let mut c = Config::default();
@@ -819,6 +864,13 @@ mod tests {
             "(smtp: (auth: (users_file: Some(\"/etc/lsmtpd/users\"), require_auth: true, failure_delay: \"2s\")))",
         )
         .unwrap();
+        let errs = c.validate().unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].setting, "smtp.auth.users_file");
+        assert!(errs[0].message.contains("TLS"), "{errs:?}");
+        let mut c = c;
+        c.smtp.tls.cert_file = Some("/etc/lsmtpd/cert.pem".into());
+        c.smtp.tls.key_file = Some("/etc/lsmtpd/key.pem".into());
         assert_eq!(c.validate(), Ok(()));
         assert_eq!(c.smtp.auth.failure_delay, Duration::from_secs(2));
         let mut c = Config::default();

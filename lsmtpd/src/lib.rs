@@ -25,7 +25,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::admin::{AdminHandle, AdminListener};
 use crate::config::Config;
@@ -35,11 +35,16 @@ use crate::metrics::{Latency, Metrics};
 use crate::smtp::auth_users::AuthUsers;
 use crate::smtp::listener::Listener;
 use crate::smtp::session::SessionContext;
+use crate::smtp::tls::ServerTls;
 use crate::spool::Spool;
 
 /// A running daemon.
 pub struct Daemon {
     smtp_addrs: Vec<SocketAddr>,
+    /// The bound implicit-TLS addresses (`smtp.tls.implicit_listen`).
+    implicit_tls_addrs: Vec<SocketAddr>,
+    /// The TLS acceptor, whose certificate [`Daemon::reload`] swaps.
+    tls: Option<Arc<ServerTls>>,
     spool: Spool,
     metrics: Arc<Metrics>,
     forwarder: ForwarderHandle,
@@ -83,6 +88,7 @@ impl Daemon {
                 .map_or_else(Latency::off, Exporter::end_of_data),
             ..Metrics::default()
         });
+        let tls = ServerTls::load(&config.smtp.tls).context("smtp.tls")?;
         let budget = usize::try_from(config.smtp.memory_budget_bytes)
             .unwrap_or(Semaphore::MAX_PERMITS)
             .min(Semaphore::MAX_PERMITS);
@@ -92,6 +98,7 @@ impl Daemon {
             budget: Arc::new(Semaphore::new(budget)),
             metrics: Arc::clone(&metrics),
             token: token.clone(),
+            tls: tls.clone(),
             auth: auth_users.clone(),
         });
 
@@ -101,6 +108,13 @@ impl Daemon {
                 .await
                 .with_context(|| format!("cannot listen on {addr} (smtp.listen)"))?;
             sockets.push(socket);
+        }
+        let mut tls_sockets = Vec::new();
+        for addr in &config.smtp.tls.implicit_listen {
+            let socket = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (smtp.tls.implicit_listen)"))?;
+            tls_sockets.push(socket);
         }
         let sessions = TaskTracker::new();
         let listeners = TaskTracker::new();
@@ -113,6 +127,15 @@ impl Daemon {
             info!(addr = %addr, "listening");
             smtp_addrs.push(addr);
             listeners.spawn(Arc::clone(&listener).run(socket));
+        }
+        let mut implicit_tls_addrs = Vec::new();
+        for socket in tls_sockets {
+            let addr = socket
+                .local_addr()
+                .context("listener has no local address")?;
+            info!(addr = %addr, "listening_implicit_tls");
+            implicit_tls_addrs.push(addr);
+            listeners.spawn(Arc::clone(&listener).run_implicit_tls(socket));
         }
         listeners.close();
 
@@ -138,6 +161,8 @@ impl Daemon {
         let admin = admin_listener.start(admin_ctx, token);
         Ok(Daemon {
             smtp_addrs,
+            implicit_tls_addrs,
+            tls,
             spool,
             metrics,
             forwarder,
@@ -165,6 +190,28 @@ impl Daemon {
     /// The bound SMTP addresses (useful with port 0).
     pub fn smtp_addrs(&self) -> &[SocketAddr] {
         &self.smtp_addrs
+    }
+
+    /// The bound implicit-TLS addresses (useful with port 0).
+    pub fn implicit_tls_addrs(&self) -> &[SocketAddr] {
+        &self.implicit_tls_addrs
+    }
+
+    /// SIGHUP: reloads what can be reloaded without a restart, which is the TLS certificate
+    /// and key. A new certificate that fails to load is logged and the old one stays; sessions
+    /// in progress keep what they negotiated.
+    pub fn reload(&self) {
+        let Some(tls) = &self.tls else {
+            info!("reload_requested: nothing to reload (no TLS certificate configured); restart lsmtpd to apply a changed configuration");
+            return;
+        };
+        let file = tls.cert_file().map(|p| p.display().to_string());
+        match tls.reload() {
+            Ok(()) => info!(cert_file = file.as_deref().unwrap_or(""), "tls_reloaded"),
+            Err(e) => {
+                error!(error = %e, "tls_reload_failed: the previous certificate stays in use")
+            }
+        }
     }
 
     pub fn spool(&self) -> &Spool {

@@ -100,22 +100,23 @@ async fn run(config: Config) -> anyhow::Result<()> {
     info!(version = env!("CARGO_PKG_VERSION"), "lsmtpd_ready");
     notify::ready();
     let spool = daemon.spool().clone();
+    let poisoned = spool.poisoned();
+    tokio::pin!(poisoned);
     loop {
         tokio::select! {
-            signal = signals.next() => match signal {
-                Signal::Shutdown => break,
-                Signal::Reload => {
-                    info!("reload_requested: rereading the users file; other settings need a restart");
-                    daemon.reload_auth_users().await;
-                }
-            },
-            _ = spool.poisoned() => {
+            _ = signals.term.recv() => break,
+            _ = signals.int.recv() => break,
+            _ = signals.hup.recv() => {
+                daemon.reload();
+                daemon.reload_auth_users().await;
+            }
+            _ = &mut poisoned => {
             // sled cannot write again after a failed write, and tearing it down can hang in its
             // own flush, so this is the one path that exits without a graceful shutdown. It is as
             // safe as a crash, which the spool is built for: every 250 was fsynced first, and
             // anything unconfirmed at the broker is still spooled and is sent after the restart.
-                error!("spool_failed: exiting for the service manager to restart lsmtpd");
-                std::process::exit(EXIT_SPOOL_FAILED);
+            error!("spool_failed: exiting for the service manager to restart lsmtpd");
+            std::process::exit(EXIT_SPOOL_FAILED);
             }
         }
     }
@@ -141,18 +142,11 @@ impl std::io::Write for LossyStderr {
     }
 }
 
-/// What a signal asks for.
-enum Signal {
-    /// SIGTERM or SIGINT: graceful shutdown.
-    Shutdown,
-    /// SIGHUP (`systemctl reload`): reread what can be reread (the AUTH users file).
-    Reload,
-}
-
-/// The signal handlers, installed once at start.
+/// The signals the daemon acts on, installed before the daemon starts.
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    /// SIGHUP (`systemctl reload`): [`Daemon::reload`] (the TLS certificate).
     hup: tokio::signal::unix::Signal,
 }
 
@@ -164,18 +158,6 @@ impl Signals {
             int: signal(SignalKind::interrupt())?,
             hup: signal(SignalKind::hangup())?,
         })
-    }
-
-    /// The next signal.
-    ///
-    /// # Cancel safety
-    /// Cancel-safe: a signal that arrives meanwhile is delivered by the next call.
-    async fn next(&mut self) -> Signal {
-        tokio::select! {
-            _ = self.term.recv() => Signal::Shutdown,
-            _ = self.int.recv() => Signal::Shutdown,
-            _ = self.hup.recv() => Signal::Reload,
-        }
     }
 }
 
@@ -205,6 +187,9 @@ fn load_config(args: &Args) -> Result<Config, Vec<Problem>> {
     config.apply_systemd_dirs(&env, file_spool_dir, file_socket);
     config.apply_env(&env)?;
     config.validate()?;
+    // The certificate and key are read here, so a bad one fails --check-config and startup
+    // with exit 78 like any other configuration error.
+    lsmtpd::smtp::tls::check_files(&config.smtp.tls).map_err(|p| vec![p])?;
     // The users file is part of the configuration: a bad line is a configuration error (78).
     if let Some(path) = &config.smtp.auth.users_file {
         lsmtpd::smtp::auth_users::read_users_file(path).map_err(|e| {

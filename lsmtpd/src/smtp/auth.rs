@@ -125,10 +125,12 @@ fn check_hash(hash: &str) -> Result<Params, String> {
     let parsed = PasswordHash::new(hash).map_err(|e| format!("not a PHC string: {e}"))?;
     match Algorithm::try_from(parsed.algorithm) {
         Ok(Algorithm::Argon2id) => {}
-        _ => return Err(format!(
+        _ => {
+            return Err(format!(
             "${}$ is not accepted: only $argon2id$ hashes (make one with `lsmtpctl hash-password`)",
             parsed.algorithm
-        )),
+        ))
+        }
     }
     if parsed.salt.is_none() || parsed.hash.is_none() {
         return Err("the hash has no salt or no output".into());

@@ -2,7 +2,8 @@
 //!
 //! Limits: `smtp.max_connections` in all and `smtp.max_connections_per_ip` per client address;
 //! a connection over either gets `421 4.7.0` and is closed at once. Each session holds its slots
-//! (an owned semaphore permit and a per-IP count) until it ends.
+//! (an owned semaphore permit and a per-IP count) until it ends. The implicit-TLS listeners
+//! (`smtp.tls.implicit_listen`) share the same limits; their handshake runs in the session task.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -78,6 +79,16 @@ impl Listener {
 
     /// Accepts on `socket` until the shutdown token fires.
     pub async fn run(self: Arc<Self>, socket: TcpListener) {
+        self.accept_loop(socket, false).await
+    }
+
+    /// Like [`Listener::run`], for an implicit-TLS socket (RFC 8314): every session starts with
+    /// the TLS handshake.
+    pub async fn run_implicit_tls(self: Arc<Self>, socket: TcpListener) {
+        self.accept_loop(socket, true).await
+    }
+
+    async fn accept_loop(self: Arc<Self>, socket: TcpListener, implicit_tls: bool) {
         let local = socket.local_addr().ok();
         loop {
             let accepted = tokio::select! {
@@ -85,7 +96,7 @@ impl Listener {
                 a = socket.accept() => a,
             };
             match accepted {
-                Ok((stream, peer)) => self.start_session(stream, peer),
+                Ok((stream, peer)) => self.start_session(stream, peer, implicit_tls),
                 Err(e) => {
                     // EMFILE and friends: log, and let the loop go on (the next accept may work).
                     warn!(error = %e, "accept_failed");
@@ -96,7 +107,7 @@ impl Listener {
         info!(addr = ?local, "listener_stopped");
     }
 
-    fn start_session(&self, mut stream: TcpStream, peer: SocketAddr) {
+    fn start_session(&self, mut stream: TcpStream, peer: SocketAddr, implicit_tls: bool) {
         self.ctx.metrics.connections.fetch_add(1, Ordering::Relaxed);
         let _ = stream.set_nodelay(true);
         let ip = peer.ip().to_canonical();
@@ -112,8 +123,11 @@ impl Listener {
                 self.tracker.spawn(
                     async move {
                         debug!("session_started");
-                        let session =
+                        let mut session =
                             Session::new(stream, ip, ctx).with_slots(Box::new((slot, ip_slot)));
+                        if implicit_tls {
+                            session = session.with_implicit_tls();
+                        }
                         if let Err(e) = session.run().await {
                             debug!(error = %e, "session_ended_with_error");
                         }
@@ -126,6 +140,12 @@ impl Listener {
                     .refused_connections
                     .fetch_add(1, Ordering::Relaxed);
                 warn!(peer = %peer, "connection_refused_limit");
+                if implicit_tls {
+                    // A plaintext 421 would be garbage to a TLS client, and a handshake just to
+                    // refuse is what an attacker would want us to spend: close at once.
+                    drop(stream);
+                    return;
+                }
                 self.tracker.spawn(async move {
                     let mut out = Vec::new();
                     Reply::too_busy().write_to(&mut out);

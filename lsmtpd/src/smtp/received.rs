@@ -8,22 +8,27 @@ use lsmtp_shared::MessageId;
 use time::format_description::well_known::Rfc2822;
 use time::OffsetDateTime;
 
-/// Formats the header, folded over three lines and ending in CRLF:
+/// Formats the header, folded over several lines and ending in CRLF:
 ///
 /// ```text
 /// Received: from client.example (client.example [192.0.2.1])
-///         by mx.example (lsmtpd) with ESMTP id 0190...;
+///         (using TLSv1.3 with cipher TLS13_AES_256_GCM_SHA384)
+///         by mx.example (lsmtpd) with ESMTPS id 0190...;
 ///         for <rcpt@example.org>; Sat, 28 Nov 2026 20:31:12 +0000
 /// ```
 ///
 /// `for` is only given for a single recipient, so a message to many does not list them all in
-/// each copy. The HELO name is the client's claim; it is sanitised to printable ASCII without
+/// each copy. The TLS clause (from [`crate::smtp::tls::received_clause`]) is only given when
+/// the message came over TLS. The HELO name is the client's claim; it is sanitised to printable ASCII without
 /// parentheses so it cannot break the header's structure.
+// Every argument is one field of the header; a struct for them would only be a second list.
+#[allow(clippy::too_many_arguments)]
 pub fn received_header(
     helo: &str,
     client_ip: IpAddr,
     server_name: &str,
     protocol: &str,
+    tls: Option<&str>,
     id: MessageId,
     single_rcpt: Option<&str>,
     date: OffsetDateTime,
@@ -36,8 +41,9 @@ pub fn received_header(
     let date = date
         .format(&Rfc2822)
         .unwrap_or_else(|_| "Thu, 01 Jan 1970 00:00:00 +0000".to_string());
+    let tls = tls.map(|t| format!("\r\n\t{t}")).unwrap_or_default();
     let mut h = format!(
-        "Received: from {helo} ([{ip}])\r\n\tby {server_name} (lsmtpd) with {protocol} id {id}"
+        "Received: from {helo} ([{ip}]){tls}\r\n\tby {server_name} (lsmtpd) with {protocol} id {id}"
     );
     if let Some(rcpt) = single_rcpt {
         h.push_str(&format!("\r\n\tfor <{}>", sanitize(rcpt)));
@@ -80,6 +86,7 @@ mod tests {
             "192.0.2.7".parse().expect("ip"),
             "mx.test",
             "ESMTPS",
+            Some("(using TLSv1.3 with cipher TLS13_AES_256_GCM_SHA384)"),
             id,
             Some("a@b.example"),
             datetime!(2026-11-28 20:31:12 UTC),
@@ -87,7 +94,7 @@ mod tests {
         let text = String::from_utf8(h).expect("ascii");
         assert_eq!(
             text,
-            "Received: from client.test ([192.0.2.7])\r\n\tby mx.test (lsmtpd) with ESMTPS id 0190f0a8c2d47a3b8c9d0e1f2a3b4c5d\r\n\tfor <a@b.example>;\r\n\tSat, 28 Nov 2026 20:31:12 +0000\r\n"
+            "Received: from client.test ([192.0.2.7])\r\n\t(using TLSv1.3 with cipher TLS13_AES_256_GCM_SHA384)\r\n\tby mx.test (lsmtpd) with ESMTPS id 0190f0a8c2d47a3b8c9d0e1f2a3b4c5d\r\n\tfor <a@b.example>;\r\n\tSat, 28 Nov 2026 20:31:12 +0000\r\n"
         );
     }
 
@@ -98,6 +105,7 @@ mod tests {
             "::1".parse().expect("ip"),
             "mx",
             "SMTP",
+            None,
             MessageId::new_v7(),
             None,
             OffsetDateTime::UNIX_EPOCH,

@@ -11,6 +11,8 @@
 //! - Message bytes held in memory are charged to the daemon-wide memory budget while they are
 //!   received and stored; a message that does not fit is read to its end, dropped and refused
 //!   with 452 4.3.1, so the connection stays usable.
+//! - After STARTTLS every byte received in plaintext and not yet answered is dropped, and the
+//!   protocol state is reset (RFC 3207 4.2): a command pipelined behind STARTTLS is never run.
 //! - Only the wait for the next command races the shutdown token: a command already read, and a
 //!   DATA transfer already begun, run to completion (or are cut by the daemon's grace period, in
 //!   which case the client never saw 250 and will retry).
@@ -33,6 +35,7 @@ use crate::smtp::auth::{AuthPolicy, Credentials};
 use crate::smtp::auth_users::AuthUsers;
 use crate::smtp::received::received_header;
 use crate::smtp::state::{Effect, Limits, Offer, SmtpState};
+use crate::smtp::tls::{received_clause, MaybeTls, ServerTls};
 use crate::smtp::wire::data::{self, DataError, DataLimits, DotUnstuffer, Feed};
 use crate::smtp::wire::line::{LineBuffer, LineError};
 use crate::smtp::wire::reply::Reply;
@@ -52,6 +55,8 @@ pub struct SessionContext {
     pub budget: Arc<Semaphore>,
     pub metrics: Arc<Metrics>,
     pub token: CancellationToken,
+    /// The TLS acceptor when `smtp.tls` has a certificate (STARTTLS is then offered).
+    pub tls: Option<Arc<ServerTls>>,
     /// The users table when `smtp.auth.users_file` is set: AUTH is offered (over TLS).
     pub auth: Option<Arc<AuthUsers>>,
 }
@@ -131,7 +136,11 @@ impl BodyBuffer {
 pub struct Session<S> {
     /// Connection-limit slots; declared first so they are released before the socket closes.
     slots: Option<Box<dyn Send>>,
-    stream: S,
+    stream: MaybeTls<S>,
+    /// Implicit TLS (RFC 8314): the handshake runs before the greeting.
+    implicit_tls: bool,
+    /// The `Received:` clause naming the TLS version and cipher, once TLS is on.
+    tls_clause: Option<String>,
     peer: IpAddr,
     ctx: Arc<SessionContext>,
     state: SmtpState,
@@ -153,7 +162,8 @@ where
         };
         let offer = Offer {
             server_name: ctx.config.server_name.clone(),
-            starttls: false,
+            starttls: ctx.tls.is_some(),
+            tls_required: ctx.tls.as_ref().is_some_and(|t| t.required()),
         };
         let lines = LineBuffer::new(ctx.config.max_command_line_bytes);
         let auth = AuthPolicy {
@@ -163,7 +173,9 @@ where
         };
         Session {
             slots: None,
-            stream,
+            stream: MaybeTls::Plain(stream),
+            implicit_tls: false,
+            tls_clause: None,
             peer,
             ctx,
             state: SmtpState::new(limits, offer).with_auth(auth),
@@ -180,8 +192,18 @@ where
         self
     }
 
+    /// Makes this an implicit-TLS session (RFC 8314): [`Session::run`] handshakes before the
+    /// greeting, and a failed handshake ends the session. Needs `ctx.tls`.
+    pub fn with_implicit_tls(mut self) -> Session<S> {
+        self.implicit_tls = true;
+        self
+    }
+
     /// Runs the session to its end: QUIT, the client closing, a timeout, or shutdown.
     pub async fn run(mut self) -> Result<(), SessionError> {
+        if self.implicit_tls && !self.start_tls().await {
+            return Ok(());
+        }
         Reply::greeting(&self.ctx.config.server_name).write_to(&mut self.out);
         loop {
             // Answer every complete command already buffered (pipelining) before reading more.
@@ -301,9 +323,34 @@ where
             Effect::ReadData => self.receive_data().await,
             Effect::ReadBdat { size, last } => self.receive_bdat(size, last).await,
             Effect::DiscardBdat { size } => self.discard_bdat(size).await,
-            // TLS is not configured in this build: the state machine never asks for it.
-            Effect::StartTls => Ok(true),
+            Effect::StartTls => {
+                // The 220 goes out in plaintext; whatever the client sent behind STARTTLS was
+                // sent before the handshake and must never be taken as a command.
+                self.flush().await?;
+                self.lines.clear();
+                Ok(self.start_tls().await)
+            }
             Effect::CheckCredentials(creds) => self.check_credentials(creds).await,
+        }
+    }
+
+    /// Runs the TLS handshake (within `smtp.tls.handshake_timeout`). Returns false when it
+    /// failed: the session must end, since the stream is no longer usable.
+    async fn start_tls(&mut self) -> bool {
+        let Some(tls) = self.ctx.tls.clone() else {
+            return false;
+        };
+        match self.stream.upgrade(&tls, tls.handshake_timeout()).await {
+            Ok((version, cipher)) => {
+                debug!(version = %version, cipher = %cipher, "tls_started");
+                self.tls_clause = Some(received_clause(&version, &cipher));
+                self.state.on_tls_started();
+                true
+            }
+            Err(e) => {
+                info!(client_ip = %self.peer, error = %e, "tls_handshake_failed");
+                false
+            }
         }
     }
 
@@ -352,6 +399,7 @@ where
             self.peer,
             &self.ctx.config.server_name,
             self.state.protocol_name(),
+            self.tls_clause.as_deref(),
             id,
             single.as_deref(),
             time::OffsetDateTime::now_utc(),

@@ -87,6 +87,8 @@ pub struct Offer {
     pub server_name: String,
     /// STARTTLS is offered when a TLS configuration exists and TLS is not already on.
     pub starttls: bool,
+    /// `smtp.tls.required`: MAIL before TLS is on gets 530 5.7.0.
+    pub tls_required: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -280,6 +282,9 @@ impl SmtpState {
         let Some(greeting) = &self.greeting else {
             return Step::reply(Reply::need_helo());
         };
+        if self.offer.tls_required && !self.tls {
+            return Step::reply(Reply::tls_required());
+        }
         if self.envelope.is_some() {
             return Step::reply(Reply::nested_mail());
         }
@@ -496,8 +501,71 @@ mod tests {
             Offer {
                 server_name: "mx.test".into(),
                 starttls: false,
+                tls_required: false,
             },
         )
+    }
+
+    fn tls_state(required: bool) -> SmtpState {
+        SmtpState::new(
+            Limits {
+                max_message_bytes: 1000,
+                max_recipients: 3,
+            },
+            Offer {
+                server_name: "mx.test".into(),
+                starttls: true,
+                tls_required: required,
+            },
+        )
+    }
+
+    fn ehlo_text(s: &mut SmtpState) -> String {
+        let step = run(s, "EHLO c");
+        let mut out = Vec::new();
+        step.reply.expect("reply").write_to(&mut out);
+        String::from_utf8(out).expect("ascii")
+    }
+
+    #[test]
+    fn starttls_is_offered_until_tls_is_on() {
+        let mut s = tls_state(false);
+        assert!(ehlo_text(&mut s).contains("STARTTLS"));
+        s.on_tls_started();
+        assert!(!ehlo_text(&mut s).contains("STARTTLS"));
+    }
+
+    #[test]
+    fn starttls_asks_for_the_upgrade_and_tls_forgets_the_session() {
+        let mut s = tls_state(false);
+        run(&mut s, "EHLO c");
+        run(&mut s, "MAIL FROM:<a@b.c>");
+        let step = run(&mut s, "STARTTLS");
+        assert_eq!(code(&step), 220);
+        assert_eq!(step.effect, Effect::StartTls);
+        s.on_tls_started();
+        assert!(s.tls());
+        assert!(s.envelope().is_none(), "the transaction is reset");
+        assert!(s.greeting().is_none(), "the client must EHLO again");
+        assert_eq!(code(&run(&mut s, "MAIL FROM:<a@b.c>")), 503);
+        run(&mut s, "EHLO c");
+        assert_eq!(s.protocol_name(), "ESMTPS");
+        let again = run(&mut s, "STARTTLS");
+        assert_eq!(code(&again), 554, "TLS already active");
+        assert_eq!(again.effect, Effect::None);
+    }
+
+    #[test]
+    fn required_tls_refuses_mail_before_starttls_with_530() {
+        let mut s = tls_state(true);
+        run(&mut s, "EHLO c");
+        let step = run(&mut s, "MAIL FROM:<a@b.c>");
+        assert_eq!(code(&step), 530);
+        assert_eq!(step.reply.expect("reply").enhanced(), Some((5, 7, 0)));
+        assert!(s.envelope().is_none());
+        s.on_tls_started();
+        run(&mut s, "EHLO c");
+        assert_eq!(code(&run(&mut s, "MAIL FROM:<a@b.c>")), 250);
     }
 
     fn run(s: &mut SmtpState, line: &str) -> Step {
@@ -701,11 +769,6 @@ mod tests {
     fn b64(bytes: &[u8]) -> String {
         use base64::Engine as _;
         base64::engine::general_purpose::STANDARD.encode(bytes)
-    }
-
-    fn ehlo_text(s: &mut SmtpState) -> String {
-        let step = line(s, "EHLO c");
-        String::from_utf8(step.reply.expect("reply").to_bytes()).expect("ascii")
     }
 
     #[test]
