@@ -381,6 +381,21 @@ fn wrong_passwords_get_535_after_the_delay_and_the_third_gets_421_and_close() {
             .unwrap();
         assert_eq!(r.code, 235, "{}", r.text());
     });
+    // Counted in the daemon's metrics (the same counters feed Prometheus).
+    let out = std::process::Command::new(lsmtp_e2e::workspace_bin("lsmtpctl"))
+        .arg("--socket")
+        .arg(s.dir.join("lsmtpd.sock"))
+        .args(["status", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["counters"]["auth_failed"], 3, "{status}");
+    assert_eq!(status["counters"]["auth_succeeded"], 1, "{status}");
     let log = s.daemon.log_text();
     let failed: Vec<&str> = log.lines().filter(|l| l.contains("auth_failed")).collect();
     assert_eq!(failed.len(), 3, "{log}");
@@ -458,5 +473,4 @@ fn a_bad_users_file_line_fails_check_config_with_78_naming_file_and_line() {
             .unwrap();
         assert_eq!(r.code, 235, "{}", r.text());
     });
-    let _ = &s.dir;
 }
