@@ -546,7 +546,7 @@ impl Config {
         if a.max_failures == 0 {
             p.push(problem("smtp.auth.max_failures", "must be at least 1"));
         }
-        if a.failure_delay >= s.command_timeout {
+        if a.users_file.is_some() && a.failure_delay >= s.command_timeout {
             p.push(problem(
                 "smtp.auth.failure_delay",
                 "must be shorter than smtp.command_timeout",
@@ -873,20 +873,23 @@ mod tests {
         c.smtp.tls.key_file = Some("/etc/lsmtpd/key.pem".into());
         assert_eq!(c.validate(), Ok(()));
         assert_eq!(c.smtp.auth.failure_delay, Duration::from_secs(2));
+        // Without a users file the delay does not matter (a short command_timeout stays valid).
         let mut c = Config::default();
+        c.smtp.command_timeout = Duration::from_millis(500);
+        assert_eq!(c.validate(), Ok(()));
         c.smtp.auth.require_auth = true;
         c.smtp.auth.max_failures = 0;
-        c.smtp.auth.failure_delay = c.smtp.command_timeout;
         let errs = c.validate().unwrap_err();
         let names: Vec<_> = errs.iter().map(|p| p.setting.as_str()).collect();
-        assert_eq!(
-            names,
-            [
-                "smtp.auth.require_auth",
-                "smtp.auth.max_failures",
-                "smtp.auth.failure_delay"
-            ]
-        );
+        assert_eq!(names, ["smtp.auth.require_auth", "smtp.auth.max_failures"]);
+        let mut c = Config::default();
+        c.smtp.tls.cert_file = Some("/c.pem".into());
+        c.smtp.tls.key_file = Some("/k.pem".into());
+        c.smtp.auth.users_file = Some("/users".into());
+        c.smtp.auth.failure_delay = c.smtp.command_timeout;
+        let errs = c.validate().unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].setting, "smtp.auth.failure_delay");
     }
 
     #[test]
