@@ -176,6 +176,7 @@ impl Daemon {
             info!("reload_requested: nothing to reload (no TLS certificate configured); restart lsmtpd to apply a changed configuration");
             return;
         };
+        info!("reload_requested");
         let file = tls.cert_file().map(|p| p.display().to_string());
         match tls.reload() {
             Ok(()) => info!(cert_file = file.as_deref().unwrap_or(""), "tls_reloaded"),
