@@ -110,6 +110,29 @@ impl TestCa {
     }
 }
 
+/// A client connector trusting the CA certificate(s) in a PEM file (e.g. for lsmtp-bench);
+/// no session resumption, like [`TestCa::connector`].
+pub fn connector_trusting(ca_file: &Path) -> Result<TlsConnector> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca_file)
+        .with_context(|| format!("cannot read {}", ca_file.display()))?
+    {
+        roots.add(cert.with_context(|| format!("{}: bad PEM", ca_file.display()))?)?;
+    }
+    if roots.is_empty() {
+        bail!("{}: no certificate found", ca_file.display());
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
 impl ServerCert {
     /// Writes `<stem>.crt` (the chain: leaf only) and `<stem>.key` into `dir`.
     pub fn write_to(&self, dir: &Path, stem: &str) -> Result<(PathBuf, PathBuf)> {

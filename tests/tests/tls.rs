@@ -393,3 +393,47 @@ fn a_bad_certificate_or_key_fails_check_config_and_startup_with_exit_78_naming_t
     assert_eq!(code, Some(78), "{stderr}");
     assert!(stderr.contains("smtp.tls.required"), "{stderr}");
 }
+
+#[test]
+fn the_amqp_message_of_mail_received_over_tls_says_tls_true() {
+    let vhost = lsmtp_e2e::amqp::Vhost::new();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new().unwrap();
+    let (cert, key) = ca
+        .issue(&["mx.test"])
+        .unwrap()
+        .write_to(dir.path(), "server")
+        .unwrap();
+    // The queue exists before the daemon starts, as in relay.rs, so nothing is unroutable.
+    block_on(async {
+        let (_conn, ch) = vhost.admin().await;
+        lsmtp_e2e::amqp::declare_queue(&ch, "mail", Default::default()).await;
+    });
+    let amqp = format!(
+        "(nodes: [\"127.0.0.1:5672\"], vhost: {:?}, routing_key: \"mail\", heartbeat: \"2s\", connect_timeout: \"2s\", reconnect: (initial: \"100ms\", max: \"500ms\"))",
+        vhost.name
+    );
+    let config = test_config(dir.path(), &tls_smtp_extra(&cert, &key, ""), Some(&amqp));
+    let d = Lsmtpd::start(dir.path(), &config, &[]).unwrap();
+    let connector = ca.connector().unwrap();
+    block_on(async {
+        let (mut c, _) = RawClient::connect(d.addr).await.unwrap();
+        c.cmd("EHLO client.test").await.unwrap();
+        let (mut c, _) = starttls(c, &connector, "mx.test").await.unwrap();
+        c.cmd("EHLO client.test").await.unwrap();
+        let r = c
+            .send_message("a@example.org", &["b@example.net"], &stuff(b"x\r\n"))
+            .await
+            .unwrap();
+        assert_eq!(r.code, 250, "{r:?}");
+        let (_conn, ch) = vhost.admin().await;
+        let got =
+            lsmtp_e2e::amqp::consume(&ch, "mail", 1, std::time::Duration::from_secs(30)).await;
+        assert_eq!(got.len(), 1, "log:\n{}", d.log_text());
+        let json: serde_json::Value = serde_json::from_slice(&got[0].data).unwrap();
+        assert_eq!(json["tls"], serde_json::Value::Bool(true), "{json}");
+        let content = json["email_content"].as_str().unwrap();
+        assert!(content.contains(" with ESMTPS id "), "{content}");
+    });
+    assert!(d.terminate().unwrap().success());
+}
