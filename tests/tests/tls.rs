@@ -437,3 +437,29 @@ fn the_amqp_message_of_mail_received_over_tls_says_tls_true() {
     });
     assert!(d.terminate().unwrap().success());
 }
+
+#[test]
+fn a_client_that_stalls_in_the_handshake_is_disconnected_after_handshake_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(
+        dir.path(),
+        "implicit_listen: [\"127.0.0.1:0\"], handshake_timeout: \"1s\",",
+        "",
+    );
+    let addr = implicit_tls_addr(&s.daemon.log_text()).unwrap();
+    block_on(async {
+        use tokio::io::AsyncReadExt;
+        // Connects and sends nothing: no ClientHello.
+        let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let started = std::time::Instant::now();
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(20), stalled.read(&mut buf))
+            .await
+            .expect("the server closes the stalled connection")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "no greeting before the handshake: {:?}", &buf[..n]);
+        assert!(started.elapsed() >= std::time::Duration::from_millis(900));
+    });
+    wait_for_log(&s.daemon, "TLS handshake timed out", 1).unwrap();
+    assert!(s.daemon.terminate().unwrap().success());
+}
