@@ -137,7 +137,15 @@ impl Daemon {
             broker: forwarder.status_view(),
             metrics: Arc::clone(&metrics),
             started_at_ms,
-            smtp_listeners: smtp_addrs.iter().map(ToString::to_string).collect(),
+            smtp_listeners: smtp_addrs
+                .iter()
+                .map(ToString::to_string)
+                .chain(
+                    implicit_tls_addrs
+                        .iter()
+                        .map(|a| format!("{a} (implicit TLS)")),
+                )
+                .collect(),
             broker_nodes: config.amqp.nodes.clone(),
             socket: config.admin.socket.clone(),
             samples: Default::default(),
