@@ -152,7 +152,15 @@ impl Daemon {
             broker: forwarder.status_view(),
             metrics: Arc::clone(&metrics),
             started_at_ms,
-            smtp_listeners: smtp_addrs.iter().map(ToString::to_string).collect(),
+            smtp_listeners: smtp_addrs
+                .iter()
+                .map(ToString::to_string)
+                .chain(
+                    implicit_tls_addrs
+                        .iter()
+                        .map(|a| format!("{a} (implicit TLS)")),
+                )
+                .collect(),
             broker_nodes: config.amqp.nodes.clone(),
             socket: config.admin.socket.clone(),
             samples: Default::default(),
@@ -205,6 +213,7 @@ impl Daemon {
             info!("reload_requested: nothing to reload (no TLS certificate configured); restart lsmtpd to apply a changed configuration");
             return;
         };
+        info!("reload_requested");
         let file = tls.cert_file().map(|p| p.display().to_string());
         match tls.reload() {
             Ok(()) => info!(cert_file = file.as_deref().unwrap_or(""), "tls_reloaded"),

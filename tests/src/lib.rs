@@ -5,6 +5,7 @@
 //! `cargo test --workspace` builds; `LSMTPD_BIN` overrides the path.
 
 pub mod amqp;
+pub mod tls;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -14,7 +15,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader as TokioBufReader};
+use tokio::io::{
+    AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader as TokioBufReader,
+};
 use tokio::net::TcpStream;
 
 /// Path of a binary built by this workspace.
@@ -227,10 +230,14 @@ pub fn test_config(dir: &Path, smtp_extra: &str, amqp: Option<&str>) -> String {
     )
 }
 
+/// A byte stream a [`RawClient`] can talk over: TCP, or TLS over TCP (see [`tls`]).
+pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> ClientStream for T {}
+
 /// A minimal raw SMTP client for protocol tests: sends exactly the bytes given, reads replies.
 pub struct RawClient {
-    reader: TokioBufReader<tokio::net::tcp::OwnedReadHalf>,
-    writer: tokio::net::tcp::OwnedWriteHalf,
+    /// Reads are buffered; writes go straight through (tokio's BufReader passes them on).
+    stream: TokioBufReader<Box<dyn ClientStream>>,
 }
 
 /// One (possibly multi-line) SMTP reply.
@@ -253,17 +260,38 @@ impl RawClient {
         // Like a real MTA: no Nagle, or the small write that ends DATA waits for the server's
         // delayed ACK (~40 ms) and every latency measured would be that.
         stream.set_nodelay(true)?;
-        let (r, w) = stream.into_split();
-        let mut c = RawClient {
-            reader: TokioBufReader::new(r),
-            writer: w,
-        };
+        let mut c = RawClient::over(stream);
         let greeting = c.reply().await?;
         Ok((c, greeting))
     }
 
+    /// A client over an established stream (nothing is read yet).
+    pub fn over(stream: impl ClientStream + 'static) -> RawClient {
+        RawClient {
+            stream: TokioBufReader::new(Box::new(stream)),
+        }
+    }
+
+    /// True when the server sent bytes the client has not read as a reply yet.
+    pub fn has_unread(&self) -> bool {
+        !self.stream.buffer().is_empty()
+    }
+
+    /// The underlying stream, e.g. to start TLS on it. Fails when unread bytes are buffered:
+    /// they would be lost.
+    pub fn into_stream(self) -> Result<Box<dyn ClientStream>> {
+        if self.has_unread() {
+            bail!(
+                "unread bytes from the server: {:?}",
+                String::from_utf8_lossy(self.stream.buffer())
+            );
+        }
+        Ok(self.stream.into_inner())
+    }
+
     pub async fn send(&mut self, bytes: &[u8]) -> Result<()> {
-        self.writer.write_all(bytes).await?;
+        self.stream.write_all(bytes).await?;
+        self.stream.flush().await?;
         Ok(())
     }
 
@@ -272,7 +300,7 @@ impl RawClient {
         let mut lines = Vec::new();
         loop {
             let mut line = String::new();
-            let n = tokio::time::timeout(Duration::from_secs(30), self.reader.read_line(&mut line))
+            let n = tokio::time::timeout(Duration::from_secs(30), self.stream.read_line(&mut line))
                 .await
                 .context("no reply within 30 s")??;
             if n == 0 {
@@ -302,7 +330,7 @@ impl RawClient {
     /// True when the server closed the connection (reads EOF within 30 s).
     pub async fn closed(&mut self) -> Result<bool> {
         let mut line = String::new();
-        let n = tokio::time::timeout(Duration::from_secs(30), self.reader.read_line(&mut line))
+        let n = tokio::time::timeout(Duration::from_secs(30), self.stream.read_line(&mut line))
             .await
             .context("connection neither closed nor answered within 30 s")??;
         Ok(n == 0)

@@ -334,13 +334,22 @@ where
         }
     }
 
-    /// Runs the TLS handshake (within `smtp.tls.handshake_timeout`). Returns false when it
-    /// failed: the session must end, since the stream is no longer usable.
+    /// Runs the TLS handshake (within `smtp.tls.handshake_timeout`, or until shutdown). Returns
+    /// false when it failed: the session must end, since the stream is no longer usable.
     async fn start_tls(&mut self) -> bool {
         let Some(tls) = self.ctx.tls.clone() else {
             return false;
         };
-        match self.stream.upgrade(&tls, tls.handshake_timeout()).await {
+        // No transaction exists during a handshake, so shutdown may cut it short.
+        let token = self.ctx.token.clone();
+        let upgraded = tokio::select! {
+            _ = token.cancelled() => {
+                debug!("tls_handshake_cancelled_by_shutdown");
+                return false;
+            }
+            r = self.stream.upgrade(&tls, tls.handshake_timeout()) => r,
+        };
+        match upgraded {
             Ok((version, cipher)) => {
                 debug!(version = %version, cipher = %cipher, "tls_started");
                 self.tls_clause = Some(received_clause(&version, &cipher));

@@ -3,6 +3,11 @@
 //! C concurrent clients send M messages of S bytes in all, K messages per connection, and the
 //! tool reports accepted messages/s, end-of-DATA → reply latency percentiles and the replies by
 //! code. With `--pid` it also reports the daemon's peak RSS and CPU time per message from /proc.
+//!
+//! TLS: `--starttls` (EHLO, STARTTLS, EHLO on every connection) or `--tls` (implicit TLS, RFC
+//! 8314), trusting `--ca FILE` or, for benchmarks only, any certificate (`--insecure`). Every
+//! connection runs a full handshake (no session resumption). `--connect-only` measures
+//! connections instead of messages: connect (+ TLS), EHLO, QUIT.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -55,6 +60,25 @@ struct Args {
     /// How long to wait for the last message at the broker.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     amqp_timeout: Duration,
+    /// Upgrade every connection with STARTTLS (then EHLO again).
+    #[arg(long, conflicts_with = "tls")]
+    starttls: bool,
+    /// Implicit TLS (RFC 8314): handshake before the greeting (--addr is the TLS listener).
+    #[arg(long)]
+    tls: bool,
+    /// PEM file with the CA certificate(s) to trust for --starttls/--tls.
+    #[arg(long, value_name = "FILE")]
+    ca: Option<std::path::PathBuf>,
+    /// Accept any server certificate (signatures are still checked, the chain and the name are
+    /// not). FOR BENCHMARKS ONLY: it gives no protection against an impostor.
+    #[arg(long, conflicts_with = "ca")]
+    insecure: bool,
+    /// The name the server certificate is checked against (default: the IP of --addr).
+    #[arg(long)]
+    server_name: Option<String>,
+    /// Count connections, not messages: each of the -m units is connect (+ TLS), EHLO, QUIT.
+    #[arg(long)]
+    connect_only: bool,
 }
 
 #[derive(Default)]
@@ -76,6 +100,20 @@ async fn main() -> Result<()> {
     if args.clients == 0 || args.per_connection == 0 || args.size < 64 {
         bail!("--clients and --per-connection must be at least 1, --size at least 64");
     }
+    let tls = if args.starttls || args.tls {
+        let connector = match (&args.ca, args.insecure) {
+            (Some(ca), _) => lsmtp_e2e::tls::connector_trusting(ca)?,
+            (None, true) => insecure_connector()?,
+            (None, false) => bail!("--starttls/--tls need --ca FILE (or --insecure)"),
+        };
+        let name = args
+            .server_name
+            .clone()
+            .unwrap_or_else(|| args.addr.ip().to_string());
+        Some(Arc::new(Tls { connector, name }))
+    } else {
+        None
+    };
     let body = make_body(args.size);
     let stuffed = Arc::new(stuff(&body));
     let shared = Arc::new(Shared::default());
@@ -90,9 +128,14 @@ async fn main() -> Result<()> {
         let args = args.clone();
         let stuffed = Arc::clone(&stuffed);
         let shared = Arc::clone(&shared);
-        tasks.push(tokio::spawn(
-            async move { client(args, stuffed, shared).await },
-        ));
+        let tls = tls.clone();
+        tasks.push(tokio::spawn(async move {
+            if args.connect_only {
+                connect_only(args, tls, shared).await
+            } else {
+                client(args, stuffed, tls, shared).await
+            }
+        }));
     }
     let mut latencies = Vec::new();
     let mut codes: BTreeMap<u16, u64> = BTreeMap::new();
@@ -113,7 +156,11 @@ async fn main() -> Result<()> {
         None => None,
     };
     latencies.sort_unstable();
-    let accepted = codes.get(&250).copied().unwrap_or(0);
+    // In --connect-only mode a unit is a connection that ended with 221 to QUIT.
+    let accepted = codes
+        .get(if args.connect_only { &221 } else { &250 })
+        .copied()
+        .unwrap_or(0);
     let rate = accepted as f64 / elapsed.as_secs_f64();
     let pct = |p: f64| -> f64 {
         if latencies.is_empty() {
@@ -136,6 +183,8 @@ async fn main() -> Result<()> {
         let v = serde_json::json!({
             "clients": args.clients, "messages": args.messages, "size": args.size,
             "per_connection": args.per_connection, "pipelining": args.pipelining,
+            "tls": if args.tls { "implicit" } else if args.starttls { "starttls" } else { "none" },
+            "connect_only": args.connect_only,
             "elapsed_s": elapsed.as_secs_f64(), "accepted": accepted, "accepted_per_s": rate,
             "latency_ms": {"p50": pct(0.50), "p99": pct(0.99), "p999": pct(0.999), "max": pct(1.0)},
             "replies": codes, "connection_errors": errors,
@@ -148,14 +197,35 @@ async fn main() -> Result<()> {
         });
         println!("{v}");
     } else {
+        let tls_mode = if args.tls {
+            "implicit"
+        } else if args.starttls {
+            "starttls"
+        } else {
+            "none"
+        };
         println!(
-            "clients {}  messages {}  size {} B  per connection {}  pipelining {}",
-            args.clients, args.messages, args.size, args.per_connection, args.pipelining
+            "clients {}  messages {}  size {} B  per connection {}  pipelining {}  tls {tls_mode}{}",
+            args.clients,
+            args.messages,
+            args.size,
+            args.per_connection,
+            args.pipelining,
+            if args.connect_only { "  connect-only" } else { "" }
         );
         println!("elapsed            {:>10.3} s", elapsed.as_secs_f64());
-        println!("accepted           {accepted:>10}  ({rate:.0} msg/s)");
+        if args.connect_only {
+            println!("connections        {accepted:>10}  ({rate:.0} conn/s)");
+        } else {
+            println!("accepted           {accepted:>10}  ({rate:.0} msg/s)");
+        }
         println!(
-            "end-of-DATA→reply  p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms",
+            "{}  p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms",
+            if args.connect_only {
+                "connect→221 (QUIT)"
+            } else {
+                "end-of-DATA→reply "
+            },
             pct(0.5),
             pct(0.99),
             pct(0.999),
@@ -285,7 +355,74 @@ fn make_body(size: usize) -> Vec<u8> {
     body
 }
 
-async fn client(args: Args, stuffed: Arc<Vec<u8>>, shared: Arc<Shared>) -> ClientResult {
+/// The client side of TLS.
+struct Tls {
+    connector: tokio_rustls::TlsConnector,
+    name: String,
+}
+
+/// Connects, (implicit TLS,) reads the greeting, says EHLO (and STARTTLS + EHLO again).
+/// Returns the client, or the code that stopped it (0 for a connection or TLS error).
+async fn open(args: &Args, tls: Option<&Tls>) -> Result<RawClient, u16> {
+    let (mut c, greeting) = match (tls, args.tls) {
+        (Some(t), true) => lsmtp_e2e::tls::connect_implicit(args.addr, &t.connector, &t.name)
+            .await
+            .map(|(c, g, _)| (c, g))
+            .map_err(|_| 0u16)?,
+        _ => RawClient::connect(args.addr).await.map_err(|_| 0u16)?,
+    };
+    if greeting.code != 220 {
+        return Err(greeting.code);
+    }
+    let ehlo = c.cmd("EHLO bench.test").await.map_err(|_| 0u16)?;
+    if ehlo.code != 250 {
+        return Err(ehlo.code);
+    }
+    if let (Some(t), true) = (tls, args.starttls) {
+        let (mut upgraded, _) = lsmtp_e2e::tls::starttls(c, &t.connector, &t.name)
+            .await
+            .map_err(|_| 0u16)?;
+        let ehlo = upgraded.cmd("EHLO bench.test").await.map_err(|_| 0u16)?;
+        if ehlo.code != 250 {
+            return Err(ehlo.code);
+        }
+        c = upgraded;
+    }
+    Ok(c)
+}
+
+/// `--connect-only`: connections of connect (+ TLS), EHLO, QUIT; the latency is the whole
+/// connection.
+async fn connect_only(args: Args, tls: Option<Arc<Tls>>, shared: Arc<Shared>) -> ClientResult {
+    let mut res = ClientResult {
+        ids: Vec::new(),
+        latencies_us: Vec::new(),
+        codes: BTreeMap::new(),
+        errors: 0,
+    };
+    while shared.next.fetch_add(1, Ordering::Relaxed) < args.messages {
+        let t = Instant::now();
+        match open(&args, tls.as_deref()).await {
+            Ok(mut c) => match c.cmd("QUIT").await {
+                Ok(r) => {
+                    *res.codes.entry(r.code).or_default() += 1;
+                    res.latencies_us.push(t.elapsed().as_micros() as u64);
+                }
+                Err(_) => res.errors += 1,
+            },
+            Err(0) => res.errors += 1,
+            Err(code) => *res.codes.entry(code).or_default() += 1,
+        }
+    }
+    res
+}
+
+async fn client(
+    args: Args,
+    stuffed: Arc<Vec<u8>>,
+    tls: Option<Arc<Tls>>,
+    shared: Arc<Shared>,
+) -> ClientResult {
     let mut res = ClientResult {
         ids: Vec::new(),
         latencies_us: Vec::new(),
@@ -299,16 +436,18 @@ async fn client(args: Args, stuffed: Arc<Vec<u8>>, shared: Arc<Shared>) -> Clien
         if shared.next.load(Ordering::Relaxed) >= args.messages {
             return res;
         }
-        let Ok((mut c, greeting)) = RawClient::connect(args.addr).await else {
-            res.errors += 1;
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            continue;
+        let mut c = match open(&args, tls.as_deref()).await {
+            Ok(c) => c,
+            Err(0) => {
+                res.errors += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+            Err(code) => {
+                *res.codes.entry(code).or_default() += 1;
+                continue;
+            }
         };
-        if greeting.code != 220 || c.cmd("EHLO bench.test").await.map(|r| r.code).ok() != Some(250)
-        {
-            *res.codes.entry(greeting.code).or_default() += 1;
-            continue;
-        }
         for _ in 0..args.per_connection {
             if shared.next.fetch_add(1, Ordering::Relaxed) >= args.messages {
                 let _ = c.cmd("QUIT").await;
@@ -404,4 +543,65 @@ fn proc_peak_rss_kib(pid: u32) -> Result<u64> {
         .nth(1)
         .context("bad VmHWM")?
         .parse()?)
+}
+
+/// `--insecure`: a verifier that accepts any certificate chain and name, but still checks the
+/// handshake signatures (so the measured CPU cost is that of a real handshake). Benchmarks only.
+#[derive(Debug)]
+struct AcceptAnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+fn insecure_connector() -> Result<tokio_rustls::TlsConnector> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider)))
+        .with_no_client_auth();
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
