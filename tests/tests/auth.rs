@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use base64::Engine as _;
-use lsmtp_e2e::tls::{starttls, tls_smtp_extra, wait_for_log, TestCa};
+use lsmtp_e2e::tls::{
+    connect_implicit, implicit_tls_addr, starttls, tls_smtp_extra, wait_for_log, TestCa,
+};
 use lsmtp_e2e::SmtpReply;
 use lsmtp_e2e::{block_on, spool_contents, strip_received, stuff, test_config, Lsmtpd, RawClient};
 
@@ -83,6 +85,11 @@ struct Setup {
 }
 
 fn setup(auth_extra: &str) -> Setup {
+    setup_with(auth_extra, "", None)
+}
+
+/// `tls_extra` goes into `smtp.tls`, `amqp` is the `amqp:` section (see `test_config`).
+fn setup_with(auth_extra: &str, tls_extra: &str, amqp: Option<&str>) -> Setup {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
     let ca = TestCa::new().unwrap();
@@ -99,10 +106,10 @@ fn setup(auth_extra: &str) -> Setup {
     .unwrap();
     let smtp = format!(
         "{} auth: (users_file: Some({:?}), {auth_extra}),",
-        tls_smtp_extra(&cert, &key, ""),
+        tls_smtp_extra(&cert, &key, tls_extra),
         users_file.display().to_string(),
     );
-    let daemon = Lsmtpd::start(&dir, &test_config(&dir, &smtp, None), &[]).unwrap();
+    let daemon = Lsmtpd::start(&dir, &test_config(&dir, &smtp, amqp), &[]).unwrap();
     Setup {
         _tmp: tmp,
         dir,
@@ -356,5 +363,47 @@ fn a_bad_users_file_line_fails_check_config_with_78_naming_file_and_line() {
             .await
             .unwrap();
         assert_eq!(r.code, 235, "{}", r.text());
+    });
+}
+
+#[test]
+fn on_implicit_tls_the_json_payload_carries_the_authenticated_user() {
+    let vhost = lsmtp_e2e::amqp::Vhost::new();
+    block_on(async {
+        let (_conn, ch) = vhost.admin().await;
+        lsmtp_e2e::amqp::declare_queue(&ch, "mail", Default::default()).await;
+    });
+    let amqp = format!(
+        "(nodes: [\"127.0.0.1:5672\"], vhost: {:?}, routing_key: \"mail\", heartbeat: \"2s\", connect_timeout: \"2s\", reconnect: (initial: \"100ms\", max: \"500ms\"))",
+        vhost.name
+    );
+    let s = setup_with("", "implicit_listen: [\"127.0.0.1:0\"],", Some(&amqp));
+    let addr = implicit_tls_addr(&s.daemon.log_text()).expect("implicit TLS listener logged");
+    block_on(async {
+        let connector = s.ca.connector().unwrap();
+        let (mut c, greeting, _) = connect_implicit(addr, &connector, SERVER).await.unwrap();
+        assert_eq!(greeting.code, 220);
+        let ehlo = c.cmd("EHLO client.test").await.unwrap();
+        assert!(
+            ehlo.lines.iter().any(|l| l == "AUTH PLAIN LOGIN"),
+            "{}",
+            ehlo.text()
+        );
+        let r = c
+            .cmd(&format!("AUTH PLAIN {}", b64(b"\0alice\0alice pw")))
+            .await
+            .unwrap();
+        assert_eq!(r.code, 235, "{}", r.text());
+        let r = send_message(&mut c, "a@example.org", "b@example.net", b"x\r\n")
+            .await
+            .unwrap();
+        assert_eq!(r.code, 250, "{}", r.text());
+        let (_conn, ch) = vhost.admin().await;
+        let got = lsmtp_e2e::amqp::consume(&ch, "mail", 1, Duration::from_secs(30)).await;
+        assert_eq!(got.len(), 1, "log:\n{}", s.daemon.log_text());
+        let json: serde_json::Value = serde_json::from_slice(&got[0].data).unwrap();
+        assert_eq!(json["auth_user"], "alice", "{json}");
+        let content = json["email_content"].as_str().unwrap();
+        assert!(content.contains(" with ESMTPSA id "), "{content}");
     });
 }
