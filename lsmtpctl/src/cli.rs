@@ -58,8 +58,8 @@ pub enum Command {
     /// smtp.auth.users_file and reload lsmtpd (SIGHUP, `systemctl reload lsmtpd`). Needs no
     /// running daemon.
     HashPassword {
-        /// The user name (1-255 bytes, no ':', no whitespace). Without it only the hash is
-        /// printed.
+        /// The user name (1-255 bytes, no ':', no whitespace, not starting with '#'). Without it
+        /// only the hash is printed.
         user: Option<String>,
     },
     /// Print a shell completion script (e.g. `lsmtpctl completions bash > /etc/bash_completion.d/lsmtpctl`).

@@ -44,9 +44,13 @@ pub enum UserNameError {
     TooLong,
     #[error("the user name contains ':', whitespace or a control character")]
     BadCharacter,
+    /// The users file would read the line as a comment.
+    #[error("the user name starts with '#'")]
+    LeadingHash,
 }
 
-/// Checks a user name: 1 to 255 bytes, no `:`, no whitespace, no control characters.
+/// Checks a user name: 1 to 255 bytes, no `:`, no whitespace, no control characters, not
+/// starting with `#` (which starts a comment in the users file).
 pub fn check_user_name(user: &str) -> Result<(), UserNameError> {
     if user.is_empty() {
         return Err(UserNameError::Empty);
@@ -59,6 +63,9 @@ pub fn check_user_name(user: &str) -> Result<(), UserNameError> {
         .any(|c| c == ':' || c.is_whitespace() || c.is_control())
     {
         return Err(UserNameError::BadCharacter);
+    }
+    if user.starts_with('#') {
+        return Err(UserNameError::LeadingHash);
     }
     Ok(())
 }
@@ -86,6 +93,11 @@ impl Users {
 
     pub fn is_empty(&self) -> bool {
         self.hashes.is_empty()
+    }
+
+    /// True when `user` has an entry.
+    pub fn contains(&self, user: &str) -> bool {
+        self.hashes.contains_key(user)
     }
 }
 
@@ -529,7 +541,7 @@ mod tests {
     #[test]
     fn hashing_refuses_bad_names_and_an_empty_password() {
         let salt = SaltString::from_b64("c2FsdHNhbHRzYWx0").unwrap();
-        for bad in ["", "a:b", "a b", "a\tb", "a\u{7f}"] {
+        for bad in ["", "a:b", "a b", "a\tb", "a\u{7f}", "#a"] {
             assert!(
                 matches!(
                     users_file_line(bad, b"p", &salt),
@@ -688,6 +700,22 @@ mod tests {
         fn users_parser_never_panics_and_blames_a_real_line(text in "[a-z:$=,#0-9 \\n\\r]{0,300}") {
             if let Err(e) = parse_users(&text) {
                 prop_assert!(e.line >= 1 && e.line <= text.lines().count());
+            }
+        }
+
+        #[test]
+        fn every_name_hash_password_accepts_reads_back_from_the_users_file(
+            name in "[!-~\u{a0}-\u{17f}]{1,30}",
+        ) {
+            const HASH: &str =
+                "$argon2id$v=19$m=8,t=1,p=1$c2FsdHNhbHRzYWx0$6kMf1K8wJzQn0hJr2yD5kA";
+            if check_user_name(&name).is_ok() {
+                let users = parse_users(&format!("# c\n{name}:{HASH}\n")).unwrap();
+                prop_assert!(users.contains(&name) && users.len() == 1);
+            } else {
+                prop_assert!(
+                    name.contains(':') || name.starts_with('#') || name.chars().any(char::is_whitespace)
+                );
             }
         }
 
