@@ -27,6 +27,10 @@ use crate::smtp::wire::reply::Reply;
 /// Longest user name accepted, in bytes.
 pub const MAX_USER_BYTES: usize = 255;
 
+/// Largest argon2 memory cost accepted in the users file, in KiB (256 MiB). Every check
+/// allocates this much, so a hash with an absurd `m=` could exhaust the daemon's memory.
+pub const MAX_MEMORY_KIB: u32 = 256 * 1024;
+
 /// Standard base64 (RFC 4648 §4); padding may be omitted, as some clients do.
 const B64: GeneralPurpose = GeneralPurpose::new(
     &base64::alphabet::STANDARD,
@@ -147,7 +151,14 @@ fn check_hash(hash: &str) -> Result<Params, String> {
     if parsed.salt.is_none() || parsed.hash.is_none() {
         return Err("the hash has no salt or no output".into());
     }
-    Params::try_from(&parsed).map_err(|e| format!("bad argon2 parameters: {e}"))
+    let params = Params::try_from(&parsed).map_err(|e| format!("bad argon2 parameters: {e}"))?;
+    if params.m_cost() > MAX_MEMORY_KIB {
+        return Err(format!(
+            "m={} KiB is more than lsmtpd allows ({MAX_MEMORY_KIB} KiB): every check would need that much memory",
+            params.m_cost()
+        ));
+    }
+    Ok(params)
 }
 
 /// A users table ready to verify against: the users and the dummy hash for unknown names.
@@ -508,6 +519,12 @@ mod tests {
                 "alice",
             ),
             (format!("alice:{good}\nalice:{good}\n"), 2, "twice"),
+            (
+                "alice:$argon2id$v=19$m=4194304,t=1,p=1$c2FsdHNhbHQ$AAAAAAAAAAAAAAAAAAAAAA\n"
+                    .into(),
+                1,
+                "more than lsmtpd allows",
+            ),
             (
                 "alice:$argon2id$v=19$m=1,t=1,p=1$c2FsdHNhbHQ$AAAAAAAAAAAAAAAAAAAAAA\n".into(),
                 1,
