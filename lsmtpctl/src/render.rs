@@ -243,6 +243,13 @@ pub fn status_text(s: &StatusReport) -> String {
             c.accepted, c.rejected, c.connections, c.refused_connections
         ),
     );
+    // Only daemons with SMTP AUTH configured ever count these.
+    if c.auth_succeeded > 0 || c.auth_failed > 0 {
+        line(
+            "Auth",
+            format!("{} succeeded, {} failed", c.auth_succeeded, c.auth_failed),
+        );
+    }
     line(
         "Broker ops",
         format!(

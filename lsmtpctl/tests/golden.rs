@@ -141,8 +141,8 @@ fn status_text() {
             failed_attempts: 53,
             refused: 0,
             connection_failures: 1,
-            auth_succeeded: 0,
-            auth_failed: 0,
+            auth_succeeded: 212,
+            auth_failed: 9,
         },
         rates: Rates {
             window_ms: 60_000,
