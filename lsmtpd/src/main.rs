@@ -111,12 +111,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 daemon.reload_auth_users().await;
             }
             _ = &mut poisoned => {
-            // sled cannot write again after a failed write, and tearing it down can hang in its
-            // own flush, so this is the one path that exits without a graceful shutdown. It is as
-            // safe as a crash, which the spool is built for: every 250 was fsynced first, and
-            // anything unconfirmed at the broker is still spooled and is sent after the restart.
-            error!("spool_failed: exiting for the service manager to restart lsmtpd");
-            std::process::exit(EXIT_SPOOL_FAILED);
+                // sled cannot write again after a failed write, and tearing it down can hang in
+                // its own flush, so this is the one path that exits without a graceful shutdown.
+                // It is as safe as a crash, which the spool is built for: every 250 was fsynced
+                // first, and anything unconfirmed at the broker is still spooled and is sent
+                // after the restart.
+                error!("spool_failed: exiting for the service manager to restart lsmtpd");
+                std::process::exit(EXIT_SPOOL_FAILED);
             }
         }
     }

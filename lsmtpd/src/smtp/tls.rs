@@ -204,7 +204,13 @@ pub fn certified_key_from_pem(
     CertifiedKey::from_der(chain, key, &provider()).map_err(|e| TlsError::Unusable {
         cert: cert_path.to_path_buf(),
         key: key_path.to_path_buf(),
-        detail: e.to_string(),
+        detail: match e {
+            rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+                "the private key does not belong to the certificate (the first one in the file)"
+                    .to_string()
+            }
+            other => other.to_string(),
+        },
     })
 }
 
@@ -465,7 +471,9 @@ mod tests {
         let text = e.to_string();
         assert!(matches!(e, TlsError::Unusable { .. }), "{e:?}");
         assert!(
-            text.contains("/etc/k.pem") && text.contains("/etc/c.pem"),
+            text.contains("/etc/k.pem")
+                && text.contains("/etc/c.pem")
+                && text.contains("does not belong to the certificate"),
             "{text}"
         );
     }
