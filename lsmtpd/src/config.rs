@@ -13,6 +13,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use crate::forward::config::AmqpConfig;
+pub use crate::smtp::policy::PolicyConfig;
+pub use crate::smtp::proxy::ProxyConfig;
+pub use crate::smtp::ratelimit::LimitsConfig;
 
 /// Exit code for any configuration problem (`EX_CONFIG` from sysexits.h).
 pub const EXIT_CONFIG: u8 = 78;
@@ -74,6 +77,12 @@ pub struct SmtpConfig {
     /// Message bytes all sessions together may hold in memory while receiving; over it the
     /// message gets 452 4.3.1 at its end. Must be at least `max_message_bytes`.
     pub memory_budget_bytes: u64,
+    /// Allowed client networks and recipients (`smtp::policy`).
+    pub policy: PolicyConfig,
+    /// Per-client-IP rates and the per-session error limit (`smtp::ratelimit`).
+    pub limits: LimitsConfig,
+    /// Listeners behind a load balancer that sends a PROXY header (`smtp::proxy`).
+    pub proxy_protocol: ProxyConfig,
 }
 
 impl Default for SmtpConfig {
@@ -91,6 +100,9 @@ impl Default for SmtpConfig {
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(180),
             memory_budget_bytes: 64 * 1024 * 1024,
+            policy: PolicyConfig::default(),
+            limits: LimitsConfig::default(),
+            proxy_protocol: ProxyConfig::default(),
         }
     }
 }
@@ -422,9 +434,15 @@ impl Config {
     pub fn validate(&self) -> Result<(), Vec<Problem>> {
         let mut p = Vec::new();
         let s = &self.smtp;
-        if s.listen.is_empty() {
-            p.push(problem("smtp.listen", "needs at least one address"));
+        if s.listen.is_empty() && s.proxy_protocol.listen.is_empty() {
+            p.push(problem(
+                "smtp.listen",
+                "needs at least one address (or smtp.proxy_protocol.listen)",
+            ));
         }
+        s.policy.validate(&mut p);
+        s.limits.validate(&mut p);
+        s.proxy_protocol.validate(&s.listen, &mut p);
         if s.server_name.is_empty()
             || s.server_name
                 .chars()

@@ -33,6 +33,7 @@ use crate::exporter::Exporter;
 use crate::forward::{Forwarder, ForwarderHandle};
 use crate::metrics::{Latency, Metrics};
 use crate::smtp::listener::Listener;
+use crate::smtp::policy::Guard;
 use crate::smtp::session::SessionContext;
 use crate::spool::Spool;
 
@@ -78,6 +79,10 @@ impl Daemon {
             budget: Arc::new(Semaphore::new(budget)),
             metrics: Arc::clone(&metrics),
             token: token.clone(),
+            guard: Arc::new(
+                Guard::new(&config.smtp)
+                    .context("bad smtp policy (smtp.policy, smtp.limits, smtp.proxy_protocol)")?,
+            ),
         });
 
         let mut sockets = Vec::new();
@@ -86,6 +91,13 @@ impl Daemon {
                 .await
                 .with_context(|| format!("cannot listen on {addr} (smtp.listen)"))?;
             sockets.push(socket);
+        }
+        let mut proxy_sockets = Vec::new();
+        for addr in &config.smtp.proxy_protocol.listen {
+            let socket = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (smtp.proxy_protocol.listen)"))?;
+            proxy_sockets.push(socket);
         }
         let sessions = TaskTracker::new();
         let listeners = TaskTracker::new();
@@ -98,6 +110,14 @@ impl Daemon {
             info!(addr = %addr, "listening");
             smtp_addrs.push(addr);
             listeners.spawn(Arc::clone(&listener).run(socket));
+        }
+        for socket in proxy_sockets {
+            let addr = socket
+                .local_addr()
+                .context("listener has no local address")?;
+            // A distinct event: tests and operators find the PROXY port by it.
+            info!(addr = %addr, "proxy_listening");
+            listeners.spawn(Arc::clone(&listener).run_proxy(socket));
         }
         listeners.close();
 

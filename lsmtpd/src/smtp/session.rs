@@ -29,9 +29,11 @@ use tracing::{debug, info, warn};
 
 use crate::config::{BareNewline, SmtpConfig};
 use crate::metrics::Metrics;
+use crate::smtp::policy::Guard;
+use crate::smtp::ratelimit::{message_rate_reply, ErrorCounter};
 use crate::smtp::received::received_header;
 use crate::smtp::state::{Effect, Limits, Offer, SmtpState};
-use crate::smtp::wire::command::parse_command;
+use crate::smtp::wire::command::{parse_command, Command};
 use crate::smtp::wire::data::{self, DataError, DataLimits, DotUnstuffer, Feed};
 use crate::smtp::wire::line::{LineBuffer, LineError};
 use crate::smtp::wire::reply::Reply;
@@ -51,6 +53,8 @@ pub struct SessionContext {
     pub budget: Arc<Semaphore>,
     pub metrics: Arc<Metrics>,
     pub token: CancellationToken,
+    /// Recipient policy, rate limits, trusted PROXY peers (`smtp.policy`, `smtp.limits`).
+    pub guard: Arc<Guard>,
 }
 
 /// Why a session ended early.
@@ -137,6 +141,8 @@ pub struct Session<S> {
     read_buf: Vec<u8>,
     /// The body of a BDAT transaction in progress.
     bdat_body: Option<(MessageId, BodyBuffer)>,
+    /// Error replies so far (`smtp.limits.hard_error_limit`).
+    errors: ErrorCounter,
 }
 
 impl<S> Session<S>
@@ -153,6 +159,7 @@ where
             starttls: false,
         };
         let lines = LineBuffer::new(ctx.config.max_command_line_bytes);
+        let errors = ErrorCounter::new(ctx.config.limits.hard_error_limit);
         Session {
             slots: None,
             stream,
@@ -163,6 +170,7 @@ where
             out: Vec::with_capacity(512),
             read_buf: vec![0; READ_CHUNK],
             bdat_body: None,
+            errors,
         }
     }
 
@@ -185,8 +193,7 @@ where
                             .metrics
                             .rejected_commands
                             .fetch_add(1, Ordering::Relaxed);
-                        Reply::command_line_too_long().write_to(&mut self.out);
-                        true
+                        self.send_reply(Reply::command_line_too_long())
                     }
                 };
                 if !keep_going {
@@ -275,16 +282,33 @@ where
                     .rejected_commands
                     .fetch_add(1, Ordering::Relaxed);
                 debug!(error = %e, "command_refused");
-                e.reply().write_to(&mut self.out);
-                return Ok(true);
+                return Ok(self.send_reply(e.reply()));
             }
         };
+        if let Some(refusal) = self.refuse_by_policy(&cmd) {
+            return Ok(self.send_reply(refusal));
+        }
+        let is_mail = matches!(cmd, Command::Mail { .. });
         let spool = &self.ctx.spool;
-        let step = self
+        let mut step = self
             .state
             .on_command(cmd, &|size| spool.check_capacity(size).is_ok());
-        if let Some(reply) = &step.reply {
-            reply.write_to(&mut self.out);
+        if is_mail && step.reply.as_ref().is_some_and(Reply::is_positive) {
+            // Counted at accepted MAIL FROM: over the rate, the transaction is undone.
+            if !self.ctx.guard.limits.allow_message(self.peer) {
+                self.state.end_transaction();
+                self.ctx
+                    .metrics
+                    .rate_limited_messages
+                    .fetch_add(1, Ordering::Relaxed);
+                info!(client_ip = %self.peer, "message_refused_rate");
+                step.reply = Some(message_rate_reply());
+            }
+        }
+        if let Some(reply) = step.reply {
+            if !self.send_reply(reply) {
+                return Ok(false);
+            }
         }
         match step.effect {
             Effect::None => Ok(true),
@@ -295,6 +319,47 @@ where
             // TLS is not configured in this build: the state machine never asks for it.
             Effect::StartTls => Ok(true),
         }
+    }
+
+    /// Queues `reply` and counts it against `smtp.limits.hard_error_limit`. Returns false when
+    /// the limit is reached: `421 4.7.0 Too many errors` is queued too and the session must end.
+    fn send_reply(&mut self, reply: Reply) -> bool {
+        reply.write_to(&mut self.out);
+        if !self.errors.on_reply(reply.code()) {
+            return true;
+        }
+        self.ctx
+            .metrics
+            .too_many_errors
+            .fetch_add(1, Ordering::Relaxed);
+        warn!(client_ip = %self.peer, errors = self.errors.errors(), "too_many_errors");
+        Reply::too_many_errors().write_to(&mut self.out);
+        false
+    }
+
+    /// `smtp.policy` at RCPT TO (only within a transaction; out of sequence, the state machine
+    /// answers 503 as usual). Returns the refusal, if any.
+    fn refuse_by_policy(&self, cmd: &Command) -> Option<Reply> {
+        let Command::Rcpt { to, .. } = cmd else {
+            return None;
+        };
+        self.state.envelope()?;
+        // SMTP AUTH is not in this build: no client is authenticated. When it lands, pass
+        // `self.state.auth_user().is_some()` so authenticated clients may send from anywhere.
+        let authenticated = false;
+        let refusal = self
+            .ctx
+            .guard
+            .policy
+            .check_rcpt(self.peer, authenticated, to)
+            .err()?;
+        self.ctx
+            .metrics
+            .policy_refused_recipients
+            .fetch_add(1, Ordering::Relaxed);
+        info!(client_ip = %self.peer, reason = refusal.name(), "recipient_refused");
+        debug!(rcpt = %to, "recipient_refused_address");
+        Some(refusal.reply(to))
     }
 
     /// Builds the `Received:` header and a fresh id for the message that is starting.
@@ -496,6 +561,7 @@ where
         let accepted = stored.is_ok();
         let reply = match stored {
             Ok(()) => {
+                self.errors.on_message_accepted();
                 self.ctx
                     .metrics
                     .accepted_messages
