@@ -139,6 +139,30 @@ impl Lsmtpd {
         self.log.lock().map(|l| l.join("\n")).unwrap_or_default()
     }
 
+    /// The address of the first `<event> addr=...` line logged so far (e.g. `proxy_listening`).
+    pub fn event_addr(&self, event: &str) -> Option<SocketAddr> {
+        self.log
+            .lock()
+            .ok()?
+            .iter()
+            .find_map(|l| parse_event_addr(l, event))
+    }
+
+    /// Waits (up to `limit`) until the daemon has logged a line containing `needle`.
+    pub fn wait_for_log(&self, needle: &str, limit: Duration) -> Result<()> {
+        let deadline = std::time::Instant::now() + limit;
+        while !self.log_text().contains(needle) {
+            if std::time::Instant::now() >= deadline {
+                bail!(
+                    "no {needle:?} logged within {limit:?}; log:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
     /// SIGKILL: no shutdown code runs.
     pub fn kill9(mut self) -> Result<()> {
         let mut child = self.child.take().context("already reaped")?;
@@ -254,6 +278,23 @@ impl RawClient {
         // delayed ACK (~40 ms) and every latency measured would be that.
         stream.set_nodelay(true)?;
         let (r, w) = stream.into_split();
+        let mut c = RawClient {
+            reader: TokioBufReader::new(r),
+            writer: w,
+        };
+        let greeting = c.reply().await?;
+        Ok((c, greeting))
+    }
+
+    /// Connects, sends `preamble` (e.g. a PROXY header) at once, and reads the greeting.
+    pub async fn connect_with_preamble(
+        addr: SocketAddr,
+        preamble: &[u8],
+    ) -> Result<(RawClient, SmtpReply)> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (r, mut w) = stream.into_split();
+        w.write_all(preamble).await?;
         let mut c = RawClient {
             reader: TokioBufReader::new(r),
             writer: w,
