@@ -407,6 +407,7 @@ fn a_proxy_line_on_a_normal_listener_is_an_unknown_command_and_changes_nothing()
             .await
             .unwrap();
         assert_eq!(r.code, 500, "{r:?}");
+        assert!(r.text().starts_with("5.5.1"), "{r:?}");
         c.cmd("EHLO client.test").await.unwrap();
         c.cmd("MAIL FROM:<a@example.org>").await.unwrap();
         let r = c.cmd("RCPT TO:<b@example.net>").await.unwrap();

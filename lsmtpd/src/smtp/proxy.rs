@@ -544,6 +544,37 @@ mod tests {
         });
     }
 
+    #[test]
+    fn config_needs_trusted_proxies_a_port_of_its_own_and_a_timeout() {
+        let smtp_listen = [sa("127.0.0.1:2525")];
+        let mut problems = Vec::new();
+        ProxyConfig::default().validate(&smtp_listen, &mut problems);
+        assert!(problems.is_empty(), "{problems:?}");
+        let cfg = ProxyConfig {
+            listen: vec![sa("127.0.0.1:2525")],
+            trusted_proxies: vec!["10.0.0.300".into()],
+            timeout: Duration::ZERO,
+        };
+        cfg.validate(&smtp_listen, &mut problems);
+        let names: Vec<_> = problems.iter().map(|p| p.setting.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "smtp.proxy_protocol.trusted_proxies",
+                "smtp.proxy_protocol.listen",
+                "smtp.proxy_protocol.timeout"
+            ]
+        );
+        let mut problems = Vec::new();
+        ProxyConfig {
+            listen: vec![sa("0.0.0.0:2526")],
+            ..ProxyConfig::default()
+        }
+        .validate(&smtp_listen, &mut problems);
+        assert_eq!(problems.len(), 1);
+        assert!(problems[0].message.contains("must name"), "{}", problems[0]);
+    }
+
     fn any_addr_pair() -> impl Strategy<Value = (SocketAddr, SocketAddr)> {
         prop_oneof![
             (
