@@ -141,6 +141,7 @@ fn status_text() {
             failed_attempts: 53,
             refused: 0,
             connection_failures: 1,
+            ..Default::default()
         },
         rates: Rates {
             window_ms: 60_000,

@@ -136,6 +136,8 @@ struct Series {
     failed_attempts: Counter,
     refused_by_broker: Counter,
     connection_failures: Counter,
+    /// Abuse limits and policy (`smtp.limits`, `smtp.policy`, `smtp.proxy_protocol`).
+    abuse: [Counter; 5],
     /// queued, deferred, held, inflight.
     spool_messages: [Gauge; 4],
     spool_bytes: Gauge,
@@ -202,6 +204,28 @@ impl Series {
                 "lsmtpd_broker_connection_failures_total",
                 "Broker connections that failed or were lost",
             ),
+            abuse: [
+                counter(
+                    "lsmtpd_connections_rate_limited_total",
+                    "SMTP connections refused with 421 over connections_per_minute_per_ip",
+                ),
+                counter(
+                    "lsmtpd_mail_rate_limited_total",
+                    "MAIL FROM commands refused with 451 over messages_per_minute_per_ip",
+                ),
+                counter(
+                    "lsmtpd_recipients_refused_by_policy_total",
+                    "RCPT TO commands refused by smtp.policy (554/550)",
+                ),
+                counter(
+                    "lsmtpd_sessions_too_many_errors_total",
+                    "Sessions closed with 421 at hard_error_limit",
+                ),
+                counter(
+                    "lsmtpd_proxy_refused_total",
+                    "Connections to a PROXY listener closed without a greeting",
+                ),
+            ],
             spool_messages: ["queued", "deferred", "held", "inflight"].map(by_state),
             spool_bytes: gauge(
                 "lsmtpd_spool_bytes",
@@ -239,6 +263,16 @@ impl Series {
         self.failed_attempts.absolute(c.failed_attempts);
         self.refused_by_broker.absolute(c.refused);
         self.connection_failures.absolute(c.connection_failures);
+        let abuse = [
+            c.rate_limited_connections,
+            c.rate_limited_messages,
+            c.policy_refused_recipients,
+            c.too_many_errors,
+            c.proxy_refused,
+        ];
+        for (counter, value) in self.abuse.iter().zip(abuse) {
+            counter.absolute(value);
+        }
         let sp = &s.spool;
         for (gauge, n) in
             self.spool_messages

@@ -442,3 +442,46 @@ fn a_bad_network_in_the_config_is_a_clear_error_with_exit_code_78() {
         "{stderr}"
     );
 }
+
+#[test]
+fn refusals_are_counted_in_lsmtpctl_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(
+        dir.path(),
+        r#"policy: (allowed_networks: ["10.0.0.0/8"]),
+           limits: (hard_error_limit: 2),
+           proxy_protocol: (listen: ["127.0.0.1:0"], trusted_proxies: ["10.0.0.0/8"]),"#,
+    );
+    let port = proxy_port(&d);
+    block_on(async {
+        let (mut c, _) = RawClient::connect(d.addr).await.unwrap();
+        c.cmd("EHLO client.test").await.unwrap();
+        c.cmd("MAIL FROM:<a@example.org>").await.unwrap();
+        assert_eq!(c.cmd("RCPT TO:<b@example.net>").await.unwrap().code, 554);
+        assert_eq!(c.cmd("BOGUS").await.unwrap().code, 500);
+        assert_eq!(c.reply().await.unwrap().code, 421);
+        assert!(c.closed().await.unwrap());
+        let mut s = tokio::net::TcpStream::connect(port).await.unwrap();
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut buf)).await;
+    });
+    let out = std::process::Command::new(workspace_bin("lsmtpctl"))
+        .arg("--socket")
+        .arg(dir.path().join("lsmtpd.sock"))
+        .args(["--json", "status"])
+        .env_remove("LSMTPD_ADMIN_SOCKET")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let counters = &status["counters"];
+    assert_eq!(counters["policy_refused_recipients"], 1, "{status}");
+    assert_eq!(counters["too_many_errors"], 1, "{status}");
+    assert_eq!(counters["proxy_refused"], 1, "{status}");
+    assert_eq!(counters["rate_limited_connections"], 0, "{status}");
+    assert_eq!(counters["rate_limited_messages"], 0, "{status}");
+}

@@ -158,6 +158,11 @@ pub fn status(ctx: &Context, now: u64) -> StatusReport {
             failed_attempts: broker.failed_attempts,
             refused: broker.refused,
             connection_failures: broker.connection_failures,
+            rate_limited_connections: load(&m.rate_limited_connections),
+            rate_limited_messages: load(&m.rate_limited_messages),
+            policy_refused_recipients: load(&m.policy_refused_recipients),
+            too_many_errors: load(&m.too_many_errors),
+            proxy_refused: load(&m.proxy_refused),
         },
         rates,
     }
