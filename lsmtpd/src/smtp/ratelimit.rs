@@ -26,6 +26,9 @@ use crate::smtp::wire::reply::Reply;
 
 /// Most client IPs one limiter tracks at a time (about 64 bytes each).
 pub const MAX_TRACKED_IPS: usize = 100_000;
+/// While the table is full of active entries, it is swept at most this often (ms), so a flood
+/// of new addresses costs no full scan per connection.
+const FULL_SWEEP_MS: u64 = 1_000;
 
 /// The `smtp.limits` section.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,7 +122,9 @@ impl KeyedRate {
             Some(&t) => t.max(now_ms),
             None => {
                 if self.tat.len() >= self.max_keys {
-                    self.sweep(now_ms);
+                    if now_ms.saturating_sub(self.swept_at_ms) >= FULL_SWEEP_MS {
+                        self.sweep(now_ms);
+                    }
                     if self.tat.len() >= self.max_keys {
                         return true;
                     }
@@ -184,6 +189,18 @@ impl ErrorCounter {
     }
 }
 
+/// What a rate is counted by: the IPv4 address, or the IPv6 /64 network (the usual allocation
+/// of one host or site, so rotating addresses inside it does not evade the rate).
+pub fn rate_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !(u128::from(u64::MAX));
+            IpAddr::V6(bits.into())
+        }
+        v4 => v4,
+    }
+}
+
 /// The daemon's rate limiters, shared by every listener and session.
 pub struct RateLimits {
     connections: Option<Mutex<KeyedRate>>,
@@ -215,7 +232,7 @@ impl RateLimits {
         }
         let now_ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
         let mut l = limiter.lock().unwrap_or_else(|e| e.into_inner());
-        l.try_take(ip.to_canonical(), now_ms)
+        l.try_take(rate_key(ip), now_ms)
     }
 
     /// A new connection from `ip`: false when it is over `connections_per_minute_per_ip`.
@@ -286,6 +303,27 @@ mod tests {
         assert!(c.on_reply(501));
         let mut off = ErrorCounter::new(0);
         assert!((0..1000).all(|_| !off.on_reply(500)));
+    }
+
+    #[test]
+    fn ipv6_clients_are_counted_per_slash_64() {
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(rate_key(a), rate_key(b));
+        assert_ne!(rate_key(a), rate_key(c));
+        assert_eq!(
+            rate_key("::ffff:192.0.2.1".parse().unwrap()),
+            ip(0xC000_0201)
+        );
+        let cfg = LimitsConfig {
+            messages_per_minute_per_ip: 1,
+            ..LimitsConfig::default()
+        };
+        let r = RateLimits::new(&cfg).unwrap();
+        assert!(r.allow_message(a));
+        assert!(!r.allow_message(b));
+        assert!(r.allow_message(c));
     }
 
     #[test]
