@@ -12,6 +12,16 @@
 //! The parser is pure and incremental: [`parse`] says either how many more bytes the header
 //! needs *at least* or where it ends, so the reader never reads past the header and the bytes
 //! after it stay in the socket for the SMTP session.
+//!
+//! Why not the `ppp` crate (checked against ppp 2.3.0, the current release): its parser
+//! cannot be fed incrementally, which the rule above needs. Given a valid v1 header byte by
+//! byte, `v1::Header::try_from` returns a terminal (`!is_incomplete()`) error as soon as the
+//! bytes end in `"<source port> "` (`InvalidDestinationPort`: the still-missing port parses as
+//! ""), so every `TCP4`/`TCP6` header would be refused; reading more than the header to dodge
+//! that would eat SMTP bytes. It also reports a complete `PROXY UNKNOWN` line with more than
+//! four fields as incomplete forever, accepts `+1` as a port, and refuses a v2 `LOCAL` whose
+//! (to-be-ignored) family has no address block; the spec, and this parser, decide otherwise.
+//! The tests below pin each of these cases.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
@@ -433,6 +443,27 @@ mod tests {
     }
 
     #[test]
+    fn v1_is_complete_only_at_its_crlf_whatever_the_split() {
+        // Every prefix short of the CRLF needs more, none is an error (ppp 2.3.0 fails this
+        // at "... 56324 ", see the module doc).
+        let full = b"PROXY TCP4 192.0.2.1 198.51.100.2 56324 25\r\n";
+        for n in 0..full.len() {
+            assert!(
+                matches!(parse(&full[..n]), Ok(Parse::NeedMore { .. })),
+                "{:?}",
+                String::from_utf8_lossy(&full[..n])
+            );
+        }
+        assert!(matches!(parse(full), Ok(Parse::Done { len: 44, .. })));
+    }
+
+    #[test]
+    fn v1_unknown_ignores_any_number_of_fields_before_the_crlf() {
+        let input = b"PROXY UNKNOWN a b c d e f\r\nQUIT\r\n";
+        assert_eq!(drive(input), Ok((ProxyHeader::Local, 27)));
+    }
+
+    #[test]
     fn v1_garbage_is_refused() {
         for bad in [
             &b"PROXY TCP4 192.0.2.1 198.51.100.2 56324 25\n"[..],
@@ -449,6 +480,11 @@ mod tests {
         ] {
             assert!(drive(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
         }
+        // A port is decimal digits only (`u16::from_str` alone would take the `+`).
+        assert_eq!(
+            drive(b"PROXY TCP4 192.0.2.1 198.51.100.2 +1 25\r\n"),
+            Err(ProxyError::BadV1("bad port"))
+        );
         let long = [b"PROXY UNKNOWN ".as_slice(), &[b'x'; 200]].concat();
         assert_eq!(
             drive(&long),
@@ -477,6 +513,10 @@ mod tests {
         unix.extend_from_slice(&[0x21, 0x31, 0x00, 216]);
         unix.extend_from_slice(&[0u8; 216]);
         assert_eq!(drive(&unix).unwrap().0, ProxyHeader::Local);
+        // LOCAL: the family is to be ignored, even with no address block behind it.
+        let mut local_inet = V2_SIGNATURE.to_vec();
+        local_inet.extend_from_slice(&[0x20, 0x11, 0x00, 0x00]);
+        assert_eq!(drive(&local_inet), Ok((ProxyHeader::Local, 16)));
     }
 
     #[test]
