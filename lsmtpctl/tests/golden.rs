@@ -143,6 +143,7 @@ fn status_text() {
             connection_failures: 1,
             auth_succeeded: 212,
             auth_failed: 9,
+            ..Default::default()
         },
         rates: Rates {
             window_ms: 60_000,

@@ -13,6 +13,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use crate::forward::config::AmqpConfig;
+pub use crate::smtp::policy::PolicyConfig;
+pub use crate::smtp::proxy::ProxyConfig;
+pub use crate::smtp::ratelimit::LimitsConfig;
 pub use crate::smtp::tls::TlsConfig;
 
 /// Exit code for any configuration problem (`EX_CONFIG` from sysexits.h).
@@ -79,6 +82,12 @@ pub struct SmtpConfig {
     pub tls: TlsConfig,
     /// SMTP AUTH (RFC 4954), offered over TLS only.
     pub auth: AuthConfig,
+    /// Allowed client networks and recipients (`smtp::policy`).
+    pub policy: PolicyConfig,
+    /// Per-client-IP rates and the per-session error limit (`smtp::ratelimit`).
+    pub limits: LimitsConfig,
+    /// Listeners behind a load balancer that sends a PROXY header (`smtp::proxy`).
+    pub proxy_protocol: ProxyConfig,
 }
 
 /// SMTP AUTH: PLAIN and LOGIN against a users file of argon2id hashes, over TLS only.
@@ -126,6 +135,9 @@ impl Default for SmtpConfig {
             memory_budget_bytes: 64 * 1024 * 1024,
             tls: TlsConfig::default(),
             auth: AuthConfig::default(),
+            policy: PolicyConfig::default(),
+            limits: LimitsConfig::default(),
+            proxy_protocol: ProxyConfig::default(),
         }
     }
 }
@@ -465,9 +477,18 @@ impl Config {
     pub fn validate(&self) -> Result<(), Vec<Problem>> {
         let mut p = Vec::new();
         let s = &self.smtp;
-        if s.listen.is_empty() {
-            p.push(problem("smtp.listen", "needs at least one address"));
+        if s.listen.is_empty()
+            && s.proxy_protocol.listen.is_empty()
+            && s.tls.implicit_listen.is_empty()
+        {
+            p.push(problem(
+                "smtp.listen",
+                "needs at least one address (or smtp.proxy_protocol.listen, smtp.tls.implicit_listen)",
+            ));
         }
+        s.policy.validate(&mut p);
+        s.limits.validate(&mut p);
+        s.proxy_protocol.validate(&s.listen, &mut p);
         if s.server_name.is_empty()
             || s.server_name
                 .chars()

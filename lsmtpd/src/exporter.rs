@@ -138,6 +138,8 @@ struct Series {
     connection_failures: Counter,
     auth_succeeded: Counter,
     auth_failed: Counter,
+    /// Abuse limits and policy (`smtp.limits`, `smtp.policy`, `smtp.proxy_protocol`).
+    abuse: [Counter; 5],
     /// queued, deferred, held, inflight.
     spool_messages: [Gauge; 4],
     spool_bytes: Gauge,
@@ -212,6 +214,28 @@ impl Series {
                 "lsmtpd_auth_failed_total",
                 "SMTP AUTH attempts with wrong credentials (535, or 421 after too many)",
             ),
+            abuse: [
+                counter(
+                    "lsmtpd_connections_rate_limited_total",
+                    "SMTP connections refused with 421 over connections_per_minute_per_ip",
+                ),
+                counter(
+                    "lsmtpd_mail_rate_limited_total",
+                    "MAIL FROM commands refused with 451 over messages_per_minute_per_ip",
+                ),
+                counter(
+                    "lsmtpd_recipients_refused_by_policy_total",
+                    "RCPT TO commands refused by smtp.policy (554/550)",
+                ),
+                counter(
+                    "lsmtpd_sessions_too_many_errors_total",
+                    "Sessions closed with 421 at hard_error_limit",
+                ),
+                counter(
+                    "lsmtpd_proxy_refused_total",
+                    "Connections to a PROXY listener closed without a greeting",
+                ),
+            ],
             spool_messages: ["queued", "deferred", "held", "inflight"].map(by_state),
             spool_bytes: gauge(
                 "lsmtpd_spool_bytes",
@@ -251,6 +275,16 @@ impl Series {
         self.connection_failures.absolute(c.connection_failures);
         self.auth_succeeded.absolute(c.auth_succeeded);
         self.auth_failed.absolute(c.auth_failed);
+        let abuse = [
+            c.rate_limited_connections,
+            c.rate_limited_messages,
+            c.policy_refused_recipients,
+            c.too_many_errors,
+            c.proxy_refused,
+        ];
+        for (counter, value) in self.abuse.iter().zip(abuse) {
+            counter.absolute(value);
+        }
         let sp = &s.spool;
         for (gauge, n) in
             self.spool_messages

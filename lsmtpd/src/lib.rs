@@ -34,6 +34,7 @@ use crate::forward::{Forwarder, ForwarderHandle};
 use crate::metrics::{Latency, Metrics};
 use crate::smtp::auth_users::AuthUsers;
 use crate::smtp::listener::Listener;
+use crate::smtp::policy::Guard;
 use crate::smtp::session::SessionContext;
 use crate::smtp::tls::ServerTls;
 use crate::spool::Spool;
@@ -100,6 +101,10 @@ impl Daemon {
             token: token.clone(),
             tls: tls.clone(),
             auth: auth_users.clone(),
+            guard: Arc::new(
+                Guard::new(&config.smtp)
+                    .context("bad smtp policy (smtp.policy, smtp.limits, smtp.proxy_protocol)")?,
+            ),
         });
 
         let mut sockets = Vec::new();
@@ -115,6 +120,13 @@ impl Daemon {
                 .await
                 .with_context(|| format!("cannot listen on {addr} (smtp.tls.implicit_listen)"))?;
             tls_sockets.push(socket);
+        }
+        let mut proxy_sockets = Vec::new();
+        for addr in &config.smtp.proxy_protocol.listen {
+            let socket = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (smtp.proxy_protocol.listen)"))?;
+            proxy_sockets.push(socket);
         }
         let sessions = TaskTracker::new();
         let listeners = TaskTracker::new();
@@ -136,6 +148,14 @@ impl Daemon {
             info!(addr = %addr, "listening_implicit_tls");
             implicit_tls_addrs.push(addr);
             listeners.spawn(Arc::clone(&listener).run_implicit_tls(socket));
+        }
+        for socket in proxy_sockets {
+            let addr = socket
+                .local_addr()
+                .context("listener has no local address")?;
+            // A distinct event: tests and operators find the PROXY port by it.
+            info!(addr = %addr, "proxy_listening");
+            listeners.spawn(Arc::clone(&listener).run_proxy(socket));
         }
         listeners.close();
 

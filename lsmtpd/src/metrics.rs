@@ -20,6 +20,18 @@ pub struct Metrics {
     pub auth_succeeded: AtomicU64,
     /// AUTH attempts with wrong credentials (535, or the 421 after too many).
     pub auth_failed: AtomicU64,
+    /// Connections refused with 421 4.7.0 over `smtp.limits.connections_per_minute_per_ip`
+    /// (also counted in `refused_connections`).
+    pub rate_limited_connections: AtomicU64,
+    /// MAIL FROM commands refused with 451 4.7.1 over `smtp.limits.messages_per_minute_per_ip`.
+    pub rate_limited_messages: AtomicU64,
+    /// RCPT TO commands refused by `smtp.policy` (554 5.7.1, 550 5.7.1, 550 5.1.1).
+    pub policy_refused_recipients: AtomicU64,
+    /// Sessions closed with 421 4.7.0 at `smtp.limits.hard_error_limit`.
+    pub too_many_errors: AtomicU64,
+    /// Connections to a PROXY listener closed without a greeting: untrusted peer, or no valid
+    /// header in time.
+    pub proxy_refused: AtomicU64,
     /// End of DATA (or the last BDAT chunk) → the 250, for accepted messages.
     pub end_of_data: Latency,
 }

@@ -322,6 +322,22 @@ pub struct Counters {
     /// SMTP AUTH attempts with wrong credentials (535 or the final 421).
     #[serde(default)]
     pub auth_failed: u64,
+    /// Connections refused over `smtp.limits.connections_per_minute_per_ip` (also in
+    /// `refused_connections`).
+    #[serde(default)]
+    pub rate_limited_connections: u64,
+    /// MAIL FROM commands refused over `smtp.limits.messages_per_minute_per_ip`.
+    #[serde(default)]
+    pub rate_limited_messages: u64,
+    /// RCPT TO commands refused by `smtp.policy`.
+    #[serde(default)]
+    pub policy_refused_recipients: u64,
+    /// Sessions closed at `smtp.limits.hard_error_limit`.
+    #[serde(default)]
+    pub too_many_errors: u64,
+    /// Connections to a PROXY listener closed without a greeting.
+    #[serde(default)]
+    pub proxy_refused: u64,
 }
 
 /// Recent rates: how much happened in the last `window_ms` (up to a minute; shorter right after

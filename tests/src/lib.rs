@@ -142,6 +142,30 @@ impl Lsmtpd {
         self.log.lock().map(|l| l.join("\n")).unwrap_or_default()
     }
 
+    /// The address of the first `<event> addr=...` line logged so far (e.g. `proxy_listening`).
+    pub fn event_addr(&self, event: &str) -> Option<SocketAddr> {
+        self.log
+            .lock()
+            .ok()?
+            .iter()
+            .find_map(|l| parse_event_addr(l, event))
+    }
+
+    /// Waits (up to `limit`) until the daemon has logged a line containing `needle`.
+    pub fn wait_for_log(&self, needle: &str, limit: Duration) -> Result<()> {
+        let deadline = std::time::Instant::now() + limit;
+        while !self.log_text().contains(needle) {
+            if std::time::Instant::now() >= deadline {
+                bail!(
+                    "no {needle:?} logged within {limit:?}; log:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
     /// SIGKILL: no shutdown code runs.
     pub fn kill9(mut self) -> Result<()> {
         let mut child = self.child.take().context("already reaped")?;
@@ -287,6 +311,19 @@ impl RawClient {
             );
         }
         Ok(self.stream.into_inner())
+    }
+
+    /// Connects, sends `preamble` (e.g. a PROXY header) at once, and reads the greeting.
+    pub async fn connect_with_preamble(
+        addr: SocketAddr,
+        preamble: &[u8],
+    ) -> Result<(RawClient, SmtpReply)> {
+        let mut stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        stream.write_all(preamble).await?;
+        let mut c = RawClient::over(stream);
+        let greeting = c.reply().await?;
+        Ok((c, greeting))
     }
 
     pub async fn send(&mut self, bytes: &[u8]) -> Result<()> {

@@ -160,6 +160,11 @@ pub fn status(ctx: &Context, now: u64) -> StatusReport {
             connection_failures: broker.connection_failures,
             auth_succeeded: load(&m.auth_succeeded),
             auth_failed: load(&m.auth_failed),
+            rate_limited_connections: load(&m.rate_limited_connections),
+            rate_limited_messages: load(&m.rate_limited_messages),
+            policy_refused_recipients: load(&m.policy_refused_recipients),
+            too_many_errors: load(&m.too_many_errors),
+            proxy_refused: load(&m.proxy_refused),
         },
         rates,
     }

@@ -33,9 +33,12 @@ use crate::config::{BareNewline, SmtpConfig};
 use crate::metrics::Metrics;
 use crate::smtp::auth::{AuthPolicy, Credentials};
 use crate::smtp::auth_users::AuthUsers;
+use crate::smtp::policy::Guard;
+use crate::smtp::ratelimit::{message_rate_reply, ErrorCounter};
 use crate::smtp::received::received_header;
-use crate::smtp::state::{Effect, Limits, Offer, SmtpState};
+use crate::smtp::state::{Effect, Limits, Offer, SmtpState, Step};
 use crate::smtp::tls::{received_clause, MaybeTls, ServerTls};
+use crate::smtp::wire::command::{parse_command, Command};
 use crate::smtp::wire::data::{self, DataError, DataLimits, DotUnstuffer, Feed};
 use crate::smtp::wire::line::{LineBuffer, LineError};
 use crate::smtp::wire::reply::Reply;
@@ -59,6 +62,8 @@ pub struct SessionContext {
     pub tls: Option<Arc<ServerTls>>,
     /// The users table when `smtp.auth.users_file` is set: AUTH is offered (over TLS).
     pub auth: Option<Arc<AuthUsers>>,
+    /// Recipient policy, rate limits, trusted PROXY peers (`smtp.policy`, `smtp.limits`).
+    pub guard: Arc<Guard>,
 }
 
 /// Why a session ended early.
@@ -149,6 +154,8 @@ pub struct Session<S> {
     read_buf: Vec<u8>,
     /// The body of a BDAT transaction in progress.
     bdat_body: Option<(MessageId, BodyBuffer)>,
+    /// Error replies so far (`smtp.limits.hard_error_limit`).
+    errors: ErrorCounter,
 }
 
 impl<S> Session<S>
@@ -171,6 +178,7 @@ where
             required: ctx.config.auth.require_auth,
             max_failures: ctx.config.auth.max_failures,
         };
+        let errors = ErrorCounter::new(ctx.config.limits.hard_error_limit);
         Session {
             slots: None,
             stream: MaybeTls::Plain(stream),
@@ -183,6 +191,7 @@ where
             out: Vec::with_capacity(512),
             read_buf: vec![0; READ_CHUNK],
             bdat_body: None,
+            errors,
         }
     }
 
@@ -215,8 +224,8 @@ where
                             .metrics
                             .rejected_commands
                             .fetch_add(1, Ordering::Relaxed);
-                        self.state.on_overlong_line().write_to(&mut self.out);
-                        true
+                        let reply = self.state.on_overlong_line();
+                        self.send_reply(reply)
                     }
                 };
                 if !keep_going {
@@ -298,24 +307,30 @@ where
     /// Runs one input line (a command, or a response in an AUTH exchange). Returns false when
     /// the session must end.
     async fn on_line(&mut self, line: &[u8]) -> Result<bool, SessionError> {
-        let spool = &self.ctx.spool;
-        let step = match self
-            .state
-            .on_line(line, &|size| spool.check_capacity(size).is_ok())
-        {
-            Ok(step) => step,
-            Err(e) => {
-                self.ctx
-                    .metrics
-                    .rejected_commands
-                    .fetch_add(1, Ordering::Relaxed);
-                debug!(error = %e, "command_refused");
-                e.reply().write_to(&mut self.out);
-                return Ok(true);
+        let step = if self.state.in_auth_exchange() {
+            // A response line of an AUTH exchange: not a command, never parsed as one.
+            self.state.on_auth_response(line)
+        } else {
+            let cmd = match parse_command(line) {
+                Ok(cmd) => cmd,
+                Err(e) => {
+                    self.ctx
+                        .metrics
+                        .rejected_commands
+                        .fetch_add(1, Ordering::Relaxed);
+                    debug!(error = %e, "command_refused");
+                    return Ok(self.send_reply(e.reply()));
+                }
+            };
+            match self.run_command(cmd) {
+                Some(step) => step,
+                None => return Ok(false),
             }
         };
-        if let Some(reply) = &step.reply {
-            reply.write_to(&mut self.out);
+        if let Some(reply) = step.reply {
+            if !self.send_reply(reply) {
+                return Ok(false);
+            }
         }
         match step.effect {
             Effect::None => Ok(true),
@@ -332,6 +347,32 @@ where
             }
             Effect::CheckCredentials(creds) => self.check_credentials(creds).await,
         }
+    }
+
+    /// A parsed command through the policy, the state machine and the message rate. Returns the
+    /// step to run, or None when a refusal reached the hard error limit (the session must end).
+    fn run_command(&mut self, cmd: Command) -> Option<Step> {
+        if let Some(refusal) = self.refuse_by_policy(&cmd) {
+            return self.send_reply(refusal).then(Step::none);
+        }
+        let is_mail = matches!(cmd, Command::Mail { .. });
+        let spool = &self.ctx.spool;
+        let mut step = self
+            .state
+            .on_command(cmd, &|size| spool.check_capacity(size).is_ok());
+        if is_mail && step.reply.as_ref().is_some_and(Reply::is_positive) {
+            // Counted at accepted MAIL FROM: over the rate, the transaction is undone.
+            if !self.ctx.guard.limits.allow_message(self.peer) {
+                self.state.end_transaction();
+                self.ctx
+                    .metrics
+                    .rate_limited_messages
+                    .fetch_add(1, Ordering::Relaxed);
+                info!(client_ip = %self.peer, "message_refused_rate");
+                step.reply = Some(message_rate_reply());
+            }
+        }
+        Some(step)
     }
 
     /// Runs the TLS handshake (within `smtp.tls.handshake_timeout`, or until shutdown). Returns
@@ -388,6 +429,46 @@ where
             reply.write_to(&mut self.out);
         }
         Ok(step.effect != Effect::Close)
+    }
+
+    /// Queues `reply` and counts it against `smtp.limits.hard_error_limit`. Returns false when
+    /// the limit is reached: `421 4.7.0 Too many errors` is queued too and the session must end.
+    fn send_reply(&mut self, reply: Reply) -> bool {
+        reply.write_to(&mut self.out);
+        if !self.errors.on_reply(reply.code()) {
+            return true;
+        }
+        self.ctx
+            .metrics
+            .too_many_errors
+            .fetch_add(1, Ordering::Relaxed);
+        warn!(client_ip = %self.peer, errors = self.errors.errors(), "too_many_errors");
+        Reply::too_many_errors().write_to(&mut self.out);
+        false
+    }
+
+    /// `smtp.policy` at RCPT TO (only within a transaction; out of sequence, the state machine
+    /// answers 503 as usual). Returns the refusal, if any.
+    fn refuse_by_policy(&self, cmd: &Command) -> Option<Reply> {
+        let Command::Rcpt { to, .. } = cmd else {
+            return None;
+        };
+        self.state.envelope()?;
+        // An authenticated client may send from any network (not to any recipient).
+        let authenticated = self.state.auth_user().is_some();
+        let refusal = self
+            .ctx
+            .guard
+            .policy
+            .check_rcpt(self.peer, authenticated, to)
+            .err()?;
+        self.ctx
+            .metrics
+            .policy_refused_recipients
+            .fetch_add(1, Ordering::Relaxed);
+        info!(client_ip = %self.peer, reason = refusal.name(), "recipient_refused");
+        debug!(rcpt = %to, "recipient_refused_address");
+        Some(refusal.reply(to))
     }
 
     /// Builds the `Received:` header and a fresh id for the message that is starting.
@@ -590,6 +671,7 @@ where
         let accepted = stored.is_ok();
         let reply = match stored {
             Ok(()) => {
+                self.errors.on_message_accepted();
                 self.ctx
                     .metrics
                     .accepted_messages

@@ -58,6 +58,14 @@ pub struct Step {
 }
 
 impl Step {
+    /// Nothing to send, nothing to do (the shell answered the line itself).
+    pub fn none() -> Step {
+        Step {
+            reply: None,
+            effect: Effect::None,
+        }
+    }
+
     fn reply(reply: Reply) -> Step {
         Step {
             reply: Some(reply),
@@ -220,6 +228,20 @@ impl SmtpState {
             return Ok(self.on_auth_progress(exchange.respond(line)));
         }
         parse_command(line).map(|cmd| self.on_command(cmd, has_room))
+    }
+
+    /// True while an AUTH exchange waits for the client's next response line: the next line is
+    /// for [`SmtpState::on_auth_response`], not a command.
+    pub fn in_auth_exchange(&self) -> bool {
+        self.exchange.is_some()
+    }
+
+    /// A response line of the AUTH exchange in progress (see [`SmtpState::in_auth_exchange`]).
+    pub fn on_auth_response(&mut self, line: &[u8]) -> Step {
+        match self.exchange.take() {
+            Some(exchange) => self.on_auth_progress(exchange.respond(line)),
+            None => Step::reply(Reply::bad_sequence()),
+        }
     }
 
     /// A line over the length limit arrived: the reply. During an AUTH exchange it ends the
