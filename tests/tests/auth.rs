@@ -85,11 +85,12 @@ struct Setup {
 }
 
 fn setup(auth_extra: &str) -> Setup {
-    setup_with(auth_extra, "", None)
+    setup_with(auth_extra, "", "", None)
 }
 
-/// `tls_extra` goes into `smtp.tls`, `amqp` is the `amqp:` section (see `test_config`).
-fn setup_with(auth_extra: &str, tls_extra: &str, amqp: Option<&str>) -> Setup {
+/// `tls_extra` goes into `smtp.tls`, `smtp_extra` into `smtp`, `amqp` is the `amqp:` section (see
+/// `test_config`).
+fn setup_with(auth_extra: &str, tls_extra: &str, smtp_extra: &str, amqp: Option<&str>) -> Setup {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
     let ca = TestCa::new().unwrap();
@@ -105,7 +106,7 @@ fn setup_with(auth_extra: &str, tls_extra: &str, amqp: Option<&str>) -> Setup {
     )
     .unwrap();
     let smtp = format!(
-        "{} auth: (users_file: Some({:?}), {auth_extra}),",
+        "{} auth: (users_file: Some({:?}), {auth_extra}), {smtp_extra}",
         tls_smtp_extra(&cert, &key, tls_extra),
         users_file.display().to_string(),
     );
@@ -333,6 +334,42 @@ fn require_auth_refuses_mail_with_530_until_the_client_authenticates() {
 }
 
 #[test]
+fn an_authenticated_client_may_send_from_outside_allowed_networks_but_only_to_allowed_recipients() {
+    // 127.0.0.1 is outside allowed_networks: only AUTH lets it send.
+    let s = setup_with(
+        "",
+        "",
+        r#"policy: (allowed_networks: ["10.0.0.0/8"], allowed_recipients: ["example.org"]),"#,
+        None,
+    );
+    block_on(async {
+        let (mut c, _) = connect_tls(s.daemon.addr, &s.ca).await.unwrap();
+        c.cmd("MAIL FROM:<a@example.net>").await.unwrap();
+        let r = c.cmd("RCPT TO:<ops@example.org>").await.unwrap();
+        assert!(
+            r.code == 554 && r.text().starts_with("5.7.1"),
+            "{}",
+            r.text()
+        );
+        c.cmd("RSET").await.unwrap();
+        let r = c
+            .cmd(&format!("AUTH PLAIN {}", b64(b"\0alice\0alice pw")))
+            .await
+            .unwrap();
+        assert_eq!(r.code, 235, "{}", r.text());
+        c.cmd("MAIL FROM:<a@example.net>").await.unwrap();
+        let r = c.cmd("RCPT TO:<ops@example.org>").await.unwrap();
+        assert_eq!(r.code, 250, "{}", r.text());
+        let r = c.cmd("RCPT TO:<someone@elsewhere.test>").await.unwrap();
+        assert!(
+            r.code == 550 && r.text().starts_with("5.7.1"),
+            "{}",
+            r.text()
+        );
+    });
+}
+
+#[test]
 fn a_bad_users_file_line_fails_check_config_with_78_naming_file_and_line() {
     let s = setup("");
     std::fs::write(
@@ -377,7 +414,7 @@ fn on_implicit_tls_the_json_payload_carries_the_authenticated_user() {
         "(nodes: [\"127.0.0.1:5672\"], vhost: {:?}, routing_key: \"mail\", heartbeat: \"2s\", connect_timeout: \"2s\", reconnect: (initial: \"100ms\", max: \"500ms\"))",
         vhost.name
     );
-    let s = setup_with("", "implicit_listen: [\"127.0.0.1:0\"],", Some(&amqp));
+    let s = setup_with("", "implicit_listen: [\"127.0.0.1:0\"],", "", Some(&amqp));
     let addr = implicit_tls_addr(&s.daemon.log_text()).expect("implicit TLS listener logged");
     block_on(async {
         let connector = s.ca.connector().unwrap();

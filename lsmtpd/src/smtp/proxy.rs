@@ -248,6 +248,10 @@ fn parse_v2(buf: &[u8]) -> Result<Parse, ProxyError> {
     if ver_cmd >> 4 != 2 {
         return Err(ProxyError::BadV2("version must be 2"));
     }
+    // Transport protocol: 0 UNSPEC, 1 STREAM, 2 DGRAM; the spec says to refuse anything else.
+    if fam & 0x0f > 2 {
+        return Err(ProxyError::BadV2("unknown transport protocol"));
+    }
     if payload > V2_MAX_PAYLOAD {
         return Err(ProxyError::BadV2("address block too long"));
     }
@@ -537,7 +541,9 @@ mod tests {
         short.truncate(20);
         let mut huge = good.clone();
         huge[14] = 0xff;
-        for bad in [bad_version, bad_cmd, short, huge] {
+        let mut bad_transport = good.clone();
+        bad_transport[13] = 0x14;
+        for bad in [bad_version, bad_cmd, short, huge, bad_transport] {
             assert!(drive(&bad).is_err(), "{bad:?}");
         }
     }
