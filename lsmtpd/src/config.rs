@@ -694,6 +694,23 @@ mod tests {
     }
 
     #[test]
+    fn the_internet_example_is_valid_and_hardened() {
+        // etc/lsmtpd-internet.ron, the README's port-25 example: valid, and it keeps what the
+        // README promises (no open sink, TLS offered but not required, AUTH not required).
+        let c = Config::from_ron(include_str!("../../etc/lsmtpd-internet.ron")).unwrap();
+        assert_eq!(c.validate(), Ok(()));
+        let s = &c.smtp;
+        assert!(!s.policy.allowed_recipients.is_empty());
+        assert!(s.policy.allowed_networks.is_empty());
+        assert!(s.tls.cert_file.is_some() && !s.tls.required);
+        assert!(s.auth.users_file.is_some() && !s.auth.require_auth);
+        assert!(
+            s.limits.connections_per_minute_per_ip > 0 && s.limits.messages_per_minute_per_ip > 0
+        );
+        assert!(s.max_connections_per_ip < SmtpConfig::default().max_connections_per_ip);
+    }
+
+    #[test]
     fn example_config_equals_the_defaults() {
         // The example documents every option with its default value; if this fails, the
         // example (or a default) drifted.
