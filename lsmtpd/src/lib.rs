@@ -107,53 +107,29 @@ impl Daemon {
             ),
         });
 
-        let mut sockets = Vec::new();
-        for addr in &config.smtp.listen {
-            let socket = TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on {addr} (smtp.listen)"))?;
-            sockets.push(socket);
-        }
-        let mut tls_sockets = Vec::new();
-        for addr in &config.smtp.tls.implicit_listen {
-            let socket = TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on {addr} (smtp.tls.implicit_listen)"))?;
-            tls_sockets.push(socket);
-        }
-        let mut proxy_sockets = Vec::new();
-        for addr in &config.smtp.proxy_protocol.listen {
-            let socket = TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on {addr} (smtp.proxy_protocol.listen)"))?;
-            proxy_sockets.push(socket);
-        }
+        let plain = bind_all(&config.smtp.listen, "smtp.listen").await?;
+        let implicit =
+            bind_all(&config.smtp.tls.implicit_listen, "smtp.tls.implicit_listen").await?;
+        let proxied = bind_all(
+            &config.smtp.proxy_protocol.listen,
+            "smtp.proxy_protocol.listen",
+        )
+        .await?;
         let sessions = TaskTracker::new();
         let listeners = TaskTracker::new();
         let listener = Arc::new(Listener::new(ctx, sessions.clone()));
-        let mut smtp_addrs = Vec::new();
-        for socket in sockets {
-            let addr = socket
-                .local_addr()
-                .context("listener has no local address")?;
+        let smtp_addrs: Vec<SocketAddr> = plain.iter().map(|(_, addr)| *addr).collect();
+        let implicit_tls_addrs: Vec<SocketAddr> = implicit.iter().map(|(_, addr)| *addr).collect();
+        // Each kind logs a distinct event: tests and operators find the ports by it.
+        for (socket, addr) in plain {
             info!(addr = %addr, "listening");
-            smtp_addrs.push(addr);
             listeners.spawn(Arc::clone(&listener).run(socket));
         }
-        let mut implicit_tls_addrs = Vec::new();
-        for socket in tls_sockets {
-            let addr = socket
-                .local_addr()
-                .context("listener has no local address")?;
+        for (socket, addr) in implicit {
             info!(addr = %addr, "listening_implicit_tls");
-            implicit_tls_addrs.push(addr);
             listeners.spawn(Arc::clone(&listener).run_implicit_tls(socket));
         }
-        for socket in proxy_sockets {
-            let addr = socket
-                .local_addr()
-                .context("listener has no local address")?;
-            // A distinct event: tests and operators find the PROXY port by it.
+        for (socket, addr) in proxied {
             info!(addr = %addr, "proxy_listening");
             listeners.spawn(Arc::clone(&listener).run_proxy(socket));
         }
@@ -296,4 +272,22 @@ impl Daemon {
             anyhow::bail!("shutdown grace period ran out with SMTP sessions still open")
         }
     }
+}
+
+/// Binds every address of one listener setting; errors name the address and the setting.
+async fn bind_all(
+    addrs: &[SocketAddr],
+    setting: &str,
+) -> anyhow::Result<Vec<(TcpListener, SocketAddr)>> {
+    let mut bound = Vec::with_capacity(addrs.len());
+    for addr in addrs {
+        let socket = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} ({setting})"))?;
+        let local = socket
+            .local_addr()
+            .context("listener has no local address")?;
+        bound.push((socket, local));
+    }
+    Ok(bound)
 }
