@@ -44,6 +44,8 @@ use crate::smtp::wire::line::{LineBuffer, LineError};
 use crate::smtp::wire::reply::Reply;
 use crate::spool::{now_ms, NewMessage, Spool, SpoolError};
 
+/// How long closing the connection (TLS close_notify, TCP FIN) may take at the end of a session.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Size of one socket read.
 const READ_CHUNK: usize = 16 * 1024;
 /// Memory budget is taken in steps of this many bytes, so a message costs one semaphore
@@ -210,6 +212,15 @@ where
 
     /// Runs the session to its end: QUIT, the client closing, a timeout, or shutdown.
     pub async fn run(mut self) -> Result<(), SessionError> {
+        let served = self.serve().await;
+        if served.is_ok() {
+            // Over TLS this sends close_notify, so the client can tell our close from a cut.
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.stream.shutdown()).await;
+        }
+        served
+    }
+
+    async fn serve(&mut self) -> Result<(), SessionError> {
         if self.implicit_tls && !self.start_tls().await {
             return Ok(());
         }
