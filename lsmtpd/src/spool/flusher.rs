@@ -62,6 +62,11 @@ fn io_failure(what: &str, path: &Path, e: std::io::Error) -> FlushFailure {
 /// Longest a caller waits for its group commit before it gets an error.
 pub(crate) const FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// Most messages written in one group's transaction. More waiting messages go to the next
+/// group: a transaction holds all of its messages in sled's write set at once, so with hundreds
+/// of clients an unbounded group would cost memory (and hold sled's write lock) for long.
+pub(crate) const MAX_GROUP_MESSAGES: usize = 64;
+
 /// Longest a change that nobody waits for ([`GroupCommit::request`]) stays without an fdatasync
 /// when no other writer comes along to share a group commit with.
 pub(crate) const LAZY_DELAY: std::time::Duration = std::time::Duration::from_millis(50);
@@ -281,10 +286,13 @@ fn run(shared: &Shared, syncer: &mut Syncer, trees: &[Tree; 3], on_written: &OnW
                 }
             }
             queue.lazy = false;
-            (
-                std::mem::take(&mut queue.waiters),
-                std::mem::take(&mut queue.accepts),
-            )
+            let accepts = if queue.accepts.len() > MAX_GROUP_MESSAGES {
+                let rest = queue.accepts.split_off(MAX_GROUP_MESSAGES);
+                std::mem::replace(&mut queue.accepts, rest)
+            } else {
+                std::mem::take(&mut queue.accepts)
+            };
+            (std::mem::take(&mut queue.waiters), accepts)
         };
         let started = std::time::Instant::now();
         let written = write_accepts(trees, &accepts);
