@@ -296,6 +296,22 @@ fn run(shared: &Shared, syncer: &mut Syncer, trees: &[Tree; 3], on_written: &OnW
         };
         let started = std::time::Instant::now();
         let written = write_accepts(trees, &accepts);
+        if let Some(failure) = written.iter().find_map(|w| w.as_ref().err()).cloned() {
+            // sled refused the write (e.g. ENOSPC). It keeps refusing until the database is
+            // reopened and its flush may now hang for ever, so the group is answered at once
+            // with that error and no flush is attempted: the callers answer 4xx, never 250, and
+            // the spool is poisoned (see `Spool::storage_error`).
+            for waiter in waiters {
+                let _ = waiter.send(Err(failure.clone()));
+            }
+            for (_, waiter) in accepts {
+                let _ = waiter.send(AcceptOutcome {
+                    written: Err(failure.clone()),
+                    durable: Err(failure.clone()),
+                });
+            }
+            continue;
+        }
         if !accepts.is_empty() {
             let done: Vec<&PreparedAccept> = accepts
                 .iter()
