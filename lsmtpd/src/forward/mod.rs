@@ -535,6 +535,9 @@ impl Forwarder {
         leased: Leased,
     ) -> Result<(), Failure> {
         let Leased { record, body } = leased;
+        // The spooled body is dropped as soon as the last target is encoded, so a large message
+        // is not held three times (spooled body, payload, lapin's frame) while it is published.
+        let mut body = Some(body);
         let id = record.id;
         let targets = route::targets(
             &record.rcpt_to,
@@ -555,7 +558,13 @@ impl Forwarder {
             .in_flight
             .store(self.inflight.len() as u64, Ordering::Relaxed);
         for (index, target) in targets.iter().enumerate() {
-            let encoded = payload::encode(self.cfg.payload, &record, &target.recipients, &body);
+            let encoded = match &body {
+                Some(b) => payload::encode(self.cfg.payload, &record, &target.recipients, b),
+                None => break, // unreachable: the body is kept until the last target
+            };
+            if index + 1 == targets.len() {
+                body = None;
+            }
             let publish = amqp::publish(channel, &record, index, target, &encoded);
             tokio::pin!(publish);
             // Frames wait in lapin while the broker blocks us; only a stall while unblocked

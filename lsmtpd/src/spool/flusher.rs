@@ -11,6 +11,17 @@
 //! Invariant: a waiter is only answered by a flush that *started after it registered*, and it
 //! registers after its sled write returned. The thread takes the whole queue at once before it
 //! starts a flush, so N concurrent writers share one `fdatasync` of the `db` file.
+//!
+//! Accepts are batched too ([`GroupCommit::accept`]): the session hands the prepared message to
+//! this thread, which writes every message of the group in ONE sled transaction (the three trees,
+//! atomically per message as before) and then runs the group's durable flush. sled's per-call
+//! costs (its global transaction lock, the log reservation, and above all the log write that
+//! every flush hands to sled's I/O thread pool, whose `notify_all` wakes all of its idle threads)
+//! are then paid once per group instead of once per message.
+//!
+//! A change nobody waits for ([`GroupCommit::request`], used for removals after a broker confirm,
+//! where a lost removal means a duplicate, never a loss) rides on the next group commit, or gets
+//! its own after [`LAZY_DELAY`] at the latest.
 
 use std::collections::{BTreeSet, HashMap};
 use std::ffi::OsString;
@@ -20,9 +31,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
+use bytes::Bytes;
+use sled::transaction::TransactionError;
+use sled::{Transactional, Tree};
 use tokio::sync::oneshot;
 
-use super::SpoolError;
+use super::key::{chunk_key, meta_key};
+use super::{MessageId, SpoolError, State, CHUNK_BYTES};
 
 /// Why a durable flush failed. Cloned to every waiter of the group.
 #[derive(Debug, Clone)]
@@ -47,12 +62,54 @@ fn io_failure(what: &str, path: &Path, e: std::io::Error) -> FlushFailure {
 /// Longest a caller waits for its group commit before it gets an error.
 pub(crate) const FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// Most messages written in one group's transaction. More waiting messages go to the next
+/// group: a transaction holds all of its messages in sled's write set at once, so with hundreds
+/// of clients an unbounded group would cost memory (and hold sled's write lock) for long.
+pub(crate) const MAX_GROUP_MESSAGES: usize = 64;
+
+/// Longest a change that nobody waits for ([`GroupCommit::request`]) stays without an fdatasync
+/// when no other writer comes along to share a group commit with.
+pub(crate) const LAZY_DELAY: std::time::Duration = std::time::Duration::from_millis(50);
+
 type Waiter = oneshot::Sender<Result<(), FlushFailure>>;
+
+/// A message ready to be written: its encoded `meta` value, `due` key and body.
+pub(crate) struct PreparedAccept {
+    pub id: MessageId,
+    pub state: State,
+    pub meta: Vec<u8>,
+    pub due_key: [u8; super::key::DUE_KEY_LEN],
+    pub body: Bytes,
+}
+
+/// Called on the flusher thread, right after a group's transaction committed, with the messages
+/// it wrote (so the spool's counters follow the commit even if the accepting caller went away).
+pub(crate) type OnWritten = Box<dyn Fn(&[&PreparedAccept]) + Send>;
+
+/// What happened to one [`PreparedAccept`].
+pub(crate) struct AcceptOutcome {
+    /// `Ok(true)`: committed; `Ok(false)`: not written, the id was already spooled;
+    /// `Err`: the group's transaction failed, nothing of the group was written.
+    pub written: Result<bool, FlushFailure>,
+    /// The group's durable flush (run even when the transaction failed, for the other waiters).
+    pub durable: Result<(), FlushFailure>,
+}
+
+type AcceptWaiter = oneshot::Sender<AcceptOutcome>;
 
 #[derive(Default)]
 struct Queue {
     waiters: Vec<Waiter>,
+    accepts: Vec<(PreparedAccept, AcceptWaiter)>,
+    /// A committed change wants a durable flush but nobody waits for it.
+    lazy: bool,
     shutdown: bool,
+}
+
+impl Queue {
+    fn has_waiters(&self) -> bool {
+        !self.waiters.is_empty() || !self.accepts.is_empty()
+    }
 }
 
 struct Shared {
@@ -78,8 +135,13 @@ pub(crate) struct GroupCommit {
 
 impl GroupCommit {
     /// Makes everything already written durable (so `open` returns a synced spool), then starts
-    /// the thread.
-    pub(crate) fn start(db: sled::Db, dir: &Path) -> Result<GroupCommit, SpoolError> {
+    /// the thread, which writes accepted messages into `trees` (`meta`, `due`, `body`).
+    pub(crate) fn start(
+        db: sled::Db,
+        dir: &Path,
+        trees: [Tree; 3],
+        on_written: OnWritten,
+    ) -> Result<GroupCommit, SpoolError> {
         let mut syncer = Syncer::new(db, dir)?;
         // sled writes `conf` once, at creation, without fsync.
         let conf = dir.join("conf");
@@ -95,7 +157,7 @@ impl GroupCommit {
         let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("spool-flusher".into())
-            .spawn(move || run(&thread_shared, &mut syncer))?;
+            .spawn(move || run(&thread_shared, &mut syncer, &trees, &on_written))?;
         Ok(GroupCommit {
             shared,
             thread: Some(thread),
@@ -121,14 +183,45 @@ impl GroupCommit {
         match tokio::time::timeout(FLUSH_TIMEOUT, rx).await {
             Ok(Ok(result)) => result.map_err(SpoolError::from),
             Ok(Err(_)) => Err(closed()),
-            Err(_) => Err(SpoolError::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!(
-                    "durable flush did not complete within {} s",
-                    FLUSH_TIMEOUT.as_secs()
-                ),
-            ))),
+            Err(_) => Err(timed_out()),
         }
+    }
+
+    /// Writes `msg` in the next group's transaction and waits for that group's durable flush, at
+    /// most [`FLUSH_TIMEOUT`] (see [`GroupCommit::wait`]).
+    ///
+    /// Errors: the outer `Err` when the wait failed (timeout, flusher stopped); then the message
+    /// may or may not have been written. Otherwise see [`AcceptOutcome`].
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: dropping the future only stops waiting; the message is still written.
+    pub(crate) async fn accept(&self, msg: PreparedAccept) -> Result<AcceptOutcome, SpoolError> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut queue = self.shared.lock();
+            if queue.shutdown {
+                return Err(closed());
+            }
+            queue.accepts.push((msg, tx));
+        }
+        self.shared.wake.notify_one();
+        match tokio::time::timeout(FLUSH_TIMEOUT, rx).await {
+            Ok(Ok(outcome)) => Ok(outcome),
+            Ok(Err(_)) => Err(closed()),
+            Err(_) => Err(timed_out()),
+        }
+    }
+
+    /// Asks for a durable flush without waiting for it: the next group commit covers what was
+    /// committed before this call, and one runs within [`LAZY_DELAY`] if no writer comes first.
+    pub(crate) fn request(&self) {
+        let mut queue = self.shared.lock();
+        if queue.shutdown || queue.lazy {
+            return;
+        }
+        queue.lazy = true;
+        drop(queue);
+        self.shared.wake.notify_one();
     }
 
     /// Number of durable flushes done so far.
@@ -140,6 +233,16 @@ impl GroupCommit {
 
 fn closed() -> SpoolError {
     SpoolError::Io(std::io::Error::other("spool flusher has stopped"))
+}
+
+fn timed_out() -> SpoolError {
+    SpoolError::Io(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!(
+            "durable flush did not complete within {} s",
+            FLUSH_TIMEOUT.as_secs()
+        ),
+    ))
 }
 
 impl Drop for GroupCommit {
@@ -154,31 +257,132 @@ impl Drop for GroupCommit {
     }
 }
 
-fn run(shared: &Shared, syncer: &mut Syncer) {
+fn run(shared: &Shared, syncer: &mut Syncer, trees: &[Tree; 3], on_written: &OnWritten) {
     loop {
-        let group = {
+        let (waiters, accepts) = {
             let mut queue = shared.lock();
-            while queue.waiters.is_empty() && !queue.shutdown {
-                queue = shared.wake.wait(queue).unwrap_or_else(|e| e.into_inner());
+            loop {
+                if queue.has_waiters() {
+                    break;
+                }
+                if queue.shutdown {
+                    if queue.lazy {
+                        let _ = syncer.sync();
+                    }
+                    return; // nothing left to answer
+                }
+                if queue.lazy {
+                    // Give a writer the chance to share this flush; flush alone at the deadline.
+                    let (q, timeout) = shared
+                        .wake
+                        .wait_timeout(queue, LAZY_DELAY)
+                        .unwrap_or_else(|e| e.into_inner());
+                    queue = q;
+                    if timeout.timed_out() {
+                        break;
+                    }
+                } else {
+                    queue = shared.wake.wait(queue).unwrap_or_else(|e| e.into_inner());
+                }
             }
-            if queue.waiters.is_empty() {
-                return; // shutdown and nothing left to answer
-            }
-            std::mem::take(&mut queue.waiters)
+            queue.lazy = false;
+            let accepts = if queue.accepts.len() > MAX_GROUP_MESSAGES {
+                let rest = queue.accepts.split_off(MAX_GROUP_MESSAGES);
+                std::mem::replace(&mut queue.accepts, rest)
+            } else {
+                std::mem::take(&mut queue.accepts)
+            };
+            (std::mem::take(&mut queue.waiters), accepts)
         };
         let started = std::time::Instant::now();
+        let written = write_accepts(trees, &accepts);
+        if let Some(failure) = written.iter().find_map(|w| w.as_ref().err()).cloned() {
+            // sled refused the write (e.g. ENOSPC). It keeps refusing until the database is
+            // reopened and its flush may now hang for ever, so the group is answered at once
+            // with that error and no flush is attempted: the callers answer 4xx, never 250, and
+            // the spool is poisoned (see `Spool::storage_error`).
+            for waiter in waiters {
+                let _ = waiter.send(Err(failure.clone()));
+            }
+            for (_, waiter) in accepts {
+                let _ = waiter.send(AcceptOutcome {
+                    written: Err(failure.clone()),
+                    durable: Err(failure.clone()),
+                });
+            }
+            continue;
+        }
+        if !accepts.is_empty() {
+            let done: Vec<&PreparedAccept> = accepts
+                .iter()
+                .zip(&written)
+                .filter(|(_, w)| matches!(w, Ok(true)))
+                .map(|((msg, _), _)| msg)
+                .collect();
+            on_written(&done);
+        }
         let result = syncer.sync();
         shared.groups.fetch_add(1, Ordering::Relaxed);
+        let group = waiters.len() + accepts.len();
         tracing::trace!(
-            waiters = group.len(),
+            waiters = waiters.len(),
+            accepts = accepts.len(),
             flush_us = started.elapsed().as_micros() as u64,
             "group_committed"
         );
         if let Err(e) = &result {
-            tracing::error!(error = ?e, waiters = group.len(), "spool_flush_failed");
+            tracing::error!(error = ?e, waiters = group, "spool_flush_failed");
         }
-        for waiter in group {
+        for waiter in waiters {
             let _ = waiter.send(result.clone()); // a waiter that gave up is fine
+        }
+        for ((_, waiter), written) in accepts.into_iter().zip(written) {
+            let _ = waiter.send(AcceptOutcome {
+                written,
+                durable: result.clone(),
+            });
+        }
+    }
+}
+
+/// Writes every message of a group in one transaction over `meta`, `due` and `body`. A message
+/// whose id is already spooled is left alone (`Ok(false)`); the others are written (`Ok(true)`).
+fn write_accepts(
+    trees: &[Tree; 3],
+    accepts: &[(PreparedAccept, AcceptWaiter)],
+) -> Vec<Result<bool, FlushFailure>> {
+    if accepts.is_empty() {
+        return Vec::new();
+    }
+    let [meta, due, body] = trees;
+    let result = (meta, due, body).transaction(|(m, d, b)| {
+        let mut written = Vec::with_capacity(accepts.len());
+        for (msg, _) in accepts {
+            let key = meta_key(msg.id);
+            if m.get(key)?.is_some() {
+                written.push(false);
+                continue;
+            }
+            m.insert(&key[..], msg.meta.as_slice())?;
+            d.insert(&msg.due_key[..], &[][..])?;
+            for (n, chunk) in (0u32..).zip(msg.body.chunks(CHUNK_BYTES)) {
+                b.insert(&chunk_key(msg.id, n)[..], chunk)?;
+            }
+            written.push(true);
+        }
+        Ok::<_, sled::transaction::ConflictableTransactionError<()>>(written)
+    });
+    match result {
+        Ok(written) => written.into_iter().map(Ok).collect(),
+        Err(e) => {
+            let failure = match e {
+                TransactionError::Storage(e) => FlushFailure::Sled(e),
+                TransactionError::Abort(()) => {
+                    FlushFailure::Io(std::io::ErrorKind::Other, "transaction aborted".into())
+                }
+            };
+            tracing::error!(error = ?failure, messages = accepts.len(), "spool_write_failed");
+            accepts.iter().map(|_| Err(failure.clone())).collect()
         }
     }
 }

@@ -37,12 +37,16 @@
 //! rebuild the counters) and `due` (to repair index entries that point nowhere).
 //!
 //! # fsync rule
-//! Every mutating call (`accept`, `complete`, `defer`, `hold`, admin verbs, `flush`) returns
-//! after a group commit (`flusher.rs`): one thread calls `db.flush()` and then really
-//! `fdatasync`s the `db` file, new files under `blobs/` and the directories that got new entries,
-//! once per group of waiting callers — sled's own flush uses `sync_file_range` (sled #1452),
-//! which does not survive a power cut. Only `lease_due` (memory) and the rare repair writes
-//! (moving a record with missing body chunks to Held) are not flushed before they return.
+//! Every mutating call (`accept`, `defer`, `hold`, admin verbs, `flush`) returns after a group
+//! commit (`flusher.rs`): one thread calls `db.flush()` and then really `fdatasync`s the `db`
+//! file, new files under `blobs/` and the directories that got new entries, once per group of
+//! waiting callers — sled's own flush uses `sync_file_range` (sled #1452), which does not survive
+//! a power cut. `accept` goes further: the flusher thread also writes the group's messages, all
+//! in one sled transaction, just before that flush. `complete` (removal after a broker confirm)
+//! commits and returns; its removal is made durable by the next group commit, at most
+//! `LAZY_DELAY` (50 ms) later — losing it to a power cut means a duplicate, never a loss. Only
+//! `lease_due` (memory) and the rare repair writes (moving a record with missing body chunks to
+//! Held) are not flushed before they return.
 //!
 //! # Disk full
 //! sled 0.34 poisons itself on a failed log write (ENOSPC included): every later write and

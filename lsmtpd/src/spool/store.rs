@@ -3,7 +3,8 @@
 //! Does I/O (sled, file system). Invariants:
 //! - every write to `meta`/`due`/`body` is one sled transaction that keeps the three trees
 //!   consistent (a Queued/Deferred record has exactly one `due` entry, a Held one none);
-//! - every mutating `async fn` returns only after a group-commit durable flush (`flusher.rs`);
+//! - every mutating `async fn` except `complete` returns only after a group-commit durable flush
+//!   (`flusher.rs`); `complete`'s removals ride on the next one;
 //! - a message id is in at most one claim: a forwarder lease or a running admin verb. Leased
 //!   ids are never leased twice and refuse admin verbs;
 //! - counters change only after a transaction committed, by the difference between the states
@@ -19,7 +20,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use sled::{Transactional, Tree};
 use tokio::sync::Notify;
 
-use super::flusher::{fsync_dir, GroupCommit};
+use super::flusher::{fsync_dir, GroupCommit, PreparedAccept};
 use super::key::{chunk_key, decode_due_key, decode_meta_key, due_key, due_upper_bound, meta_key};
 use super::record::{self, HoldReason, Record, State};
 use super::state::{admin_transition, AdminVerb, Outcome};
@@ -42,7 +43,8 @@ struct Inner {
     meta: Tree,
     due: Tree,
     body: Tree,
-    mem: Mutex<Mem>,
+    /// Shared with the flusher thread, which counts the messages it writes.
+    mem: Arc<Mutex<Mem>>,
     doorbell: Arc<Notify>,
     /// The first failed sled write. sled 0.34 keeps failing (or hangs in flush) after one, so
     /// later writes fail fast with this until the process reopens the database.
@@ -219,19 +221,39 @@ impl Spool {
         let due = db.open_tree("due")?;
         let body = db.open_tree("body")?;
         let mem = scan(&meta, &due, &body)?;
-        let flusher = GroupCommit::start(db.clone(), dir)?;
+        let stats = (
+            mem.queued,
+            mem.deferred,
+            mem.held,
+            mem.unreadable.len(),
+            mem.bytes,
+        );
+        let mem = Arc::new(Mutex::new(mem));
+        let counted = Arc::clone(&mem);
+        let flusher = GroupCommit::start(
+            db.clone(),
+            dir,
+            [meta.clone(), due.clone(), body.clone()],
+            Box::new(move |written| {
+                let mut mem = counted.lock().unwrap_or_else(|e| e.into_inner());
+                for msg in written {
+                    mem.add(&msg.state, msg.body.len() as u64);
+                }
+            }),
+        )?;
         if created {
             if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
                 fsync_dir(parent).map_err(SpoolError::from)?;
             }
         }
+        let (queued, deferred, held, unreadable, bytes) = stats;
         tracing::info!(
             dir = %dir.display(),
-            queued = mem.queued,
-            deferred = mem.deferred,
-            held = mem.held,
-            unreadable = mem.unreadable.len(),
-            bytes = mem.bytes,
+            queued,
+            deferred,
+            held,
+            unreadable,
+            bytes,
             "spool_opened"
         );
         Ok(Spool {
@@ -241,7 +263,7 @@ impl Spool {
                 meta,
                 due,
                 body,
-                mem: Mutex::new(mem),
+                mem,
                 doorbell: Arc::new(Notify::new()),
                 poisoned: Mutex::new(None),
                 poisoned_signal: tokio_util::sync::CancellationToken::new(),
@@ -265,16 +287,19 @@ impl Spool {
     /// power loss. Only then may the session answer `250`. On `Err` the session answers 4xx; the
     /// message may still be on disk (then it is forwarded anyway: a duplicate, never a loss).
     ///
+    /// The write itself happens on the group-commit thread, together with the other messages of
+    /// its group in one transaction (`flusher.rs`).
+    ///
     /// Errors: `Full` (452), `Storage`/`Io` (451), `Conflict` if the id is already spooled.
     ///
     /// # Cancel safety
-    /// Dropping the future after the commit leaves the message spooled (and flushed soon).
+    /// Dropping the future after the call leaves the message spooled (written, counted and
+    /// flushed with its group).
     pub async fn accept(&self, msg: NewMessage) -> Result<(), SpoolError> {
         let size = msg.body.len() as u64;
         self.check_writable()?;
         self.check_capacity(size)?;
-        let chunks: Vec<&[u8]> = msg.body.chunks(CHUNK_BYTES).collect();
-        let body_chunks = u32::try_from(chunks.len()).map_err(|_| {
+        let body_chunks = u32::try_from(msg.body.len().div_ceil(CHUNK_BYTES)).map_err(|_| {
             SpoolError::Io(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 "message body too large",
@@ -296,28 +321,31 @@ impl Spool {
             last_error: None,
             body_chunks,
         };
-        let encoded = record::encode(&record);
-        let due_ms = record.state.due_ms().unwrap_or(0);
-        let i = &self.inner;
-        (&i.meta, &i.due, &i.body)
-            .transaction(|(m, d, b)| {
-                if m.get(meta_key(id))?.is_some() {
-                    return abort(SpoolError::Conflict {
-                        id,
-                        state: "spooled",
-                        op: "accept",
-                    });
-                }
-                m.insert(&meta_key(id)[..], encoded.as_slice())?;
-                d.insert(&due_key(due_ms, id)[..], &[][..])?;
-                for (n, chunk) in (0u32..).zip(&chunks) {
-                    b.insert(&chunk_key(id, n)[..], *chunk)?;
-                }
-                Ok(())
-            })
-            .map_err(|e| self.storage_error(tx_error(e)))?;
-        self.mem().add(&record.state, size);
-        self.durable().await?;
+        let prepared = PreparedAccept {
+            id,
+            state: record.state,
+            meta: record::encode(&record),
+            due_key: due_key(record.state.due_ms().unwrap_or(0), id),
+            body: msg.body,
+        };
+        let outcome = self
+            .inner
+            .flusher
+            .accept(prepared)
+            .await
+            .map_err(|e| self.storage_error(e))?;
+        match outcome.written {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(SpoolError::Conflict {
+                    id,
+                    state: "spooled",
+                    op: "accept",
+                })
+            }
+            Err(e) => return Err(self.storage_error(e.into())),
+        }
+        outcome.durable.map_err(|e| self.storage_error(e.into()))?;
         tracing::debug!(msg_id = %id, size, "message_spooled");
         self.inner.doorbell.notify_one();
         Ok(())
@@ -495,8 +523,11 @@ impl Spool {
     /// transaction and drops their leases. Unknown ids are skipped (already removed).
     ///
     /// # Durability
-    /// On `Ok` the removal is flushed and fdatasync'd. On `Err` the leases are dropped anyway
-    /// and the messages may be forwarded again (a duplicate, never a loss).
+    /// On `Ok` the removal is committed, and it becomes durable with the next group commit (at
+    /// the latest [`LAZY_DELAY`](super::flusher::LAZY_DELAY) later): the forwarder does not wait
+    /// for an fdatasync of its own. A removal lost to a power cut before that only means the
+    /// message is forwarded again (a duplicate, never a loss). On `Err` the leases are dropped
+    /// anyway and the messages may be forwarded again.
     pub async fn complete(&self, ids: &[MessageId]) -> Result<(), SpoolError> {
         if ids.is_empty() {
             return Ok(());
@@ -537,7 +568,8 @@ impl Spool {
         for change in &changes {
             self.apply(change);
         }
-        self.durable().await?;
+        self.check_writable()?;
+        self.inner.flusher.request();
         tracing::debug!(count = changes.len(), "messages_completed");
         Ok(())
     }

@@ -430,6 +430,58 @@ async fn concurrent_accepts_share_group_commits() {
     assert_eq!(spool.stats().queued, 100);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_accepted_twice_is_a_conflict_and_the_first_body_stays() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&cfg(tmp.path())).unwrap();
+    let first = message(body_of(100));
+    let mut again = message(body_of(7));
+    again.id = first.id;
+    let others: Vec<NewMessage> = (0..20).map(|_| message(body_of(300))).collect();
+    spool.accept(first.clone()).await.unwrap();
+    // The duplicate shares its group commit with innocent messages: only it fails.
+    let tasks: Vec<_> = std::iter::once(again)
+        .chain(others.iter().cloned())
+        .map(|m| {
+            let spool = spool.clone();
+            tokio::spawn(async move { spool.accept(m).await })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+    assert!(matches!(
+        results[0],
+        Err(SpoolError::Conflict { op: "accept", .. })
+    ));
+    assert!(results[1..].iter().all(Result::is_ok));
+    assert_eq!(spool.body(first.id).unwrap(), Some(first.body.clone()));
+    assert_eq!(spool.stats().queued, 21);
+    assert_eq!(spool.stats().bytes, 100 + 20 * 300);
+}
+
+#[tokio::test]
+async fn a_removal_is_made_durable_without_anyone_waiting_for_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&cfg(tmp.path())).unwrap();
+    let m = message(body_of(10));
+    spool.accept(m.clone()).await.unwrap();
+    spool.lease_due(now_ms(), 1).unwrap();
+    let before = spool.durable_flushes();
+    spool.complete(&[m.id]).await.unwrap();
+    // No accept follows: the flusher runs a group commit of its own for the removal.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while spool.durable_flushes() == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no durable flush after a removal"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert_eq!(spool.get(m.id).unwrap(), None);
+}
+
 #[tokio::test]
 async fn doorbell_rings_after_accept() {
     let tmp = tempfile::tempdir().unwrap();
