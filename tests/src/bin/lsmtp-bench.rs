@@ -137,6 +137,7 @@ async fn main() -> Result<()> {
             }
         }));
     }
+    let progress = progress_bar(&args, &shared);
     let mut latencies = Vec::new();
     let mut codes: BTreeMap<u16, u64> = BTreeMap::new();
     let mut errors = 0;
@@ -151,6 +152,8 @@ async fn main() -> Result<()> {
         errors += r.errors;
     }
     let elapsed = started.elapsed();
+    progress.abort();
+    let _ = progress.await; // the bar is cleared once the task is gone
     let e2e = match consumer {
         Some(rx) => Some(wait_for_broker(rx, &ids, started, args.amqp_timeout).await),
         None => None,
@@ -393,6 +396,36 @@ async fn open(args: &Args, tls: Option<&Tls>) -> Result<RawClient, u16> {
 
 /// `--connect-only`: connections of connect (+ TLS), EHLO, QUIT; the latency is the whole
 /// connection.
+/// A progress bar on stderr, updated from the finished-unit count ten times a second. Hidden with
+/// `--json` and when stderr is not a terminal (indicatif's own check). Abort the task to stop it.
+fn progress_bar(args: &Args, shared: &Arc<Shared>) -> tokio::task::JoinHandle<()> {
+    let bar = if args.json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(args.messages)
+    };
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{elapsed_precise} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    let shared = Arc::clone(shared);
+    tokio::spawn(async move {
+        struct ClearOnDrop(indicatif::ProgressBar);
+        impl Drop for ClearOnDrop {
+            fn drop(&mut self) {
+                self.0.finish_and_clear();
+            }
+        }
+        let bar = ClearOnDrop(bar);
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tick.tick().await;
+            bar.0.set_position(shared.done.load(Ordering::Relaxed));
+        }
+    })
+}
+
 async fn connect_only(args: Args, tls: Option<Arc<Tls>>, shared: Arc<Shared>) -> ClientResult {
     let mut res = ClientResult {
         ids: Vec::new(),
@@ -413,6 +446,7 @@ async fn connect_only(args: Args, tls: Option<Arc<Tls>>, shared: Arc<Shared>) ->
             Err(0) => res.errors += 1,
             Err(code) => *res.codes.entry(code).or_default() += 1,
         }
+        shared.done.fetch_add(1, Ordering::Relaxed);
     }
     res
 }
