@@ -21,7 +21,11 @@ use lsmtp_e2e::{stuff, RawClient};
 
 /// SMTP load generator: accepted msgs/s and end-of-DATA latency.
 #[derive(Parser, Debug, Clone)]
-#[command(version, about)]
+#[command(
+    name = "lsmtp-bench",
+    version,
+    about = "SMTP load generator: accepted msgs/s, end-of-DATA latency, and (with --amqp) the end-to-end rate, lost and duplicates"
+)]
 struct Args {
     /// Server address.
     #[arg(long, default_value = "127.0.0.1:2525")]
