@@ -153,11 +153,16 @@ impl Lsmtpd {
 
     /// Waits (up to `limit`) until the daemon has logged a line containing `needle`.
     pub fn wait_for_log(&self, needle: &str, limit: Duration) -> Result<()> {
+        self.wait_for_log_times(needle, 1, limit)
+    }
+
+    /// Waits (up to `limit`) until the daemon's log holds `needle` at least `times` times.
+    pub fn wait_for_log_times(&self, needle: &str, times: usize, limit: Duration) -> Result<()> {
         let deadline = std::time::Instant::now() + limit;
-        while !self.log_text().contains(needle) {
+        while self.log_text().matches(needle).count() < times {
             if std::time::Instant::now() >= deadline {
                 bail!(
-                    "no {needle:?} logged within {limit:?}; log:\n{}",
+                    "{needle:?} not logged {times} time(s) within {limit:?}; log:\n{}",
                     self.log_text()
                 );
             }

@@ -99,14 +99,7 @@ impl TestCa {
     pub fn connector(&self) -> Result<TlsConnector> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.der())?;
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        config.resumption = rustls::client::Resumption::disabled();
-        Ok(TlsConnector::from(Arc::new(config)))
+        client_connector(roots)
     }
 }
 
@@ -123,6 +116,12 @@ pub fn connector_trusting(ca_file: &Path) -> Result<TlsConnector> {
     if roots.is_empty() {
         bail!("{}: no certificate found", ca_file.display());
     }
+    client_connector(roots)
+}
+
+/// A ring-based client trusting `roots` only, without session resumption: every handshake is a
+/// full one and reports the certificate the server serves now.
+fn client_connector(roots: rustls::RootCertStore) -> Result<TlsConnector> {
     let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -235,15 +234,5 @@ pub fn implicit_tls_addr(log: &str) -> Option<SocketAddr> {
 
 /// Waits (up to 30 s) until the daemon's log holds `needle` at least `times` times.
 pub fn wait_for_log(daemon: &crate::Lsmtpd, needle: &str, times: usize) -> Result<()> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while daemon.log_text().matches(needle).count() < times {
-        if std::time::Instant::now() > deadline {
-            bail!(
-                "{needle:?} not logged {times} time(s); log:\n{}",
-                daemon.log_text()
-            );
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    Ok(())
+    daemon.wait_for_log_times(needle, times, std::time::Duration::from_secs(30))
 }

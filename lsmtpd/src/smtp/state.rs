@@ -515,20 +515,14 @@ mod tests {
     use crate::smtp::wire::command::parse_command;
 
     fn state() -> SmtpState {
-        SmtpState::new(
-            Limits {
-                max_message_bytes: 1000,
-                max_recipients: 3,
-            },
-            Offer {
-                server_name: "mx.test".into(),
-                starttls: false,
-                tls_required: false,
-            },
-        )
+        state_with(false, false)
     }
 
     fn tls_state(required: bool) -> SmtpState {
+        state_with(true, required)
+    }
+
+    fn state_with(starttls: bool, tls_required: bool) -> SmtpState {
         SmtpState::new(
             Limits {
                 max_message_bytes: 1000,
@@ -536,8 +530,8 @@ mod tests {
             },
             Offer {
                 server_name: "mx.test".into(),
-                starttls: true,
-                tls_required: required,
+                starttls,
+                tls_required,
             },
         )
     }
