@@ -20,6 +20,24 @@ use tokio::io::{
 };
 use tokio::net::TcpStream;
 
+/// `lsmtpctl --json status` against the daemon's admin socket `socket`, parsed. Fails when
+/// lsmtpctl does (its stderr is in the error).
+pub fn status_json(socket: &Path) -> Result<serde_json::Value> {
+    let out = Command::new(workspace_bin("lsmtpctl"))
+        .arg("--socket")
+        .arg(socket)
+        .args(["--json", "status"])
+        .env_remove("LSMTPD_ADMIN_SOCKET")
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "lsmtpctl status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
 /// Path of a binary built by this workspace.
 pub fn workspace_bin(name: &str) -> PathBuf {
     if let Some(p) = std::env::var_os(format!("{}_BIN", name.to_uppercase())) {

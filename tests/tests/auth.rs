@@ -279,18 +279,7 @@ fn wrong_passwords_get_535_after_the_delay_and_the_third_gets_421_and_close() {
         assert_eq!(r.code, 235, "{}", r.text());
     });
     // Counted in the daemon's metrics (the same counters feed Prometheus).
-    let out = std::process::Command::new(lsmtp_e2e::workspace_bin("lsmtpctl"))
-        .arg("--socket")
-        .arg(s.dir.join("lsmtpd.sock"))
-        .args(["status", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let status = lsmtp_e2e::status_json(&s.dir.join("lsmtpd.sock")).unwrap();
     assert_eq!(status["counters"]["auth_failed"], 3, "{status}");
     assert_eq!(status["counters"]["auth_succeeded"], 1, "{status}");
     let log = s.daemon.log_text();

@@ -465,19 +465,7 @@ fn refusals_are_counted_in_lsmtpctl_status() {
         let mut buf = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut buf)).await;
     });
-    let out = std::process::Command::new(workspace_bin("lsmtpctl"))
-        .arg("--socket")
-        .arg(dir.path().join("lsmtpd.sock"))
-        .args(["--json", "status"])
-        .env_remove("LSMTPD_ADMIN_SOCKET")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let status = status_json(&dir.path().join("lsmtpd.sock")).unwrap();
     let counters = &status["counters"];
     assert_eq!(counters["policy_refused_recipients"], 1, "{status}");
     assert_eq!(counters["too_many_errors"], 1, "{status}");

@@ -175,14 +175,7 @@ fn implicit_tls_listener_handshakes_before_the_greeting_and_offers_no_starttls()
     });
     wait_for_log(&s.daemon, "tls_handshake_failed", 1).unwrap();
     // lsmtpctl status lists the implicit-TLS listener after the plain one.
-    let out = Command::new(workspace_bin("lsmtpctl"))
-        .arg("--socket")
-        .arg(dir.path().join("lsmtpd.sock"))
-        .args(["--json", "status"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let status = status_json(&dir.path().join("lsmtpd.sock")).unwrap();
     assert_eq!(
         status["smtp_listeners"],
         serde_json::json!([s.daemon.addr.to_string(), format!("{addr} (implicit TLS)")])
