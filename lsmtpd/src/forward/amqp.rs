@@ -11,6 +11,9 @@
 //!   `x-lsmtpd-target` header it carries, never by the confirm it arrived on.
 //! - `basic_publish(..).await` resolves when the frames are queued for the socket; lapin stops
 //!   writing while the broker has the connection blocked.
+//! - lapin's I/O loop allocates and zero-fills a send and a receive buffer of 32 frames each
+//!   (`FRAMES_STORAGE`, at least 32 × 8192 bytes) for the negotiated frame size, so
+//!   `amqp.frame_max` is what sets the connection's resident memory.
 
 use std::time::Duration;
 
@@ -116,10 +119,10 @@ fn read_file(path: &std::path::Path) -> Result<Vec<u8>, AmqpError> {
     })
 }
 
-/// Opens a connection to `node`, bounded by `amqp.connect_timeout`.
-pub async fn connect(cfg: &AmqpConfig, node: &str) -> Result<Connection, AmqpError> {
-    let (host, port) = split_node(node).ok_or_else(|| AmqpError::BadNode(node.to_owned()))?;
-    let uri = AMQPUri {
+/// The URI lapin connects with: scheme, credentials, `host:port`, vhost and the tuning we ask
+/// for (heartbeat, frame_max, connection timeout). Pure, so the tuning can be checked in a test.
+pub fn broker_uri(cfg: &AmqpConfig, host: String, port: u16) -> AMQPUri {
+    AMQPUri {
         scheme: if cfg.tls.enabled {
             AMQPScheme::AMQPS
         } else {
@@ -139,9 +142,17 @@ pub async fn connect(cfg: &AmqpConfig, node: &str) -> Result<Connection, AmqpErr
             connection_timeout: Some(
                 u64::try_from(cfg.connect_timeout.as_millis()).unwrap_or(u64::MAX),
             ),
+            // A maximum: the broker answers with its own and the smaller one is used.
+            frame_max: Some(cfg.frame_max),
             ..AMQPQueryString::default()
         },
-    };
+    }
+}
+
+/// Opens a connection to `node`, bounded by `amqp.connect_timeout`.
+pub async fn connect(cfg: &AmqpConfig, node: &str) -> Result<Connection, AmqpError> {
+    let (host, port) = split_node(node).ok_or_else(|| AmqpError::BadNode(node.to_owned()))?;
+    let uri = broker_uri(cfg, host, port);
     let mut tls = OwnedTLSConfig::default();
     if cfg.tls.enabled {
         if let Some(ca) = &cfg.tls.ca_file {
@@ -306,6 +317,40 @@ pub fn describe_return(ret: &lapin::message::BasicReturnMessage) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn broker_uri_carries_heartbeat_timeout_and_frame_max() {
+        let cfg = AmqpConfig {
+            username: "u".into(),
+            password: "p".into(),
+            vhost: "mail".into(),
+            heartbeat: std::time::Duration::from_secs(7),
+            connect_timeout: std::time::Duration::from_millis(2500),
+            frame_max: 8192,
+            ..AmqpConfig::default()
+        };
+        let uri = broker_uri(&cfg, "rabbit".into(), 5673);
+        assert_eq!(uri.scheme, AMQPScheme::AMQP);
+        assert_eq!(uri.authority.host, "rabbit");
+        assert_eq!(uri.authority.port, 5673);
+        assert_eq!(uri.authority.userinfo.username, "u");
+        assert_eq!(uri.authority.userinfo.password, "p");
+        assert_eq!(uri.vhost, "mail");
+        assert_eq!(uri.query.heartbeat, Some(7));
+        assert_eq!(uri.query.connection_timeout, Some(2500));
+        assert_eq!(uri.query.frame_max, Some(8192));
+        assert_eq!(uri.query.channel_max, None, "left to the broker");
+    }
+
+    #[test]
+    fn broker_uri_asks_for_the_default_frame_max_and_amqps_with_tls() {
+        let mut cfg = AmqpConfig::default();
+        cfg.tls.enabled = true;
+        let uri = broker_uri(&cfg, "rabbit".into(), 5671);
+        assert_eq!(uri.scheme, AMQPScheme::AMQPS);
+        assert_eq!(uri.query.frame_max, Some(16_384));
+        assert_eq!(uri.query.heartbeat, Some(10));
+    }
 
     #[test]
     fn size_refusal_is_recognised() {

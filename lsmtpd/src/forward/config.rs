@@ -14,6 +14,7 @@
 //!     topology: (declare: true, queue: None, queue_type: classic, exchange_type: "direct"),
 //!     max_in_flight: 256,             // unconfirmed publishes at once
 //!     heartbeat: "10s", connect_timeout: "10s", confirm_timeout: "60s",
+//!     frame_max: 16384,               // bytes; the broker may lower it
 //!     reconnect: (initial: "500ms", max: "30s"),
 //!     retry: (initial: "5s", max: "10m", max_attempts: 30, max_age: "5d"),
 //!     routes: [(recipients: ["example.org", "ops@example.com"], exchange: "", routing_key: "ops")],
@@ -168,6 +169,12 @@ pub struct AmqpConfig {
     /// blocked us), the connection is considered dead and re-established.
     #[serde(with = "humantime_serde")]
     pub confirm_timeout: Duration,
+    /// Largest AMQP frame we ask for, in bytes ([`FRAME_MAX_MIN`]–[`FRAME_MAX_MAX`]); the broker
+    /// may lower it (the smaller of both wins). lapin keeps a send and a receive buffer of 32
+    /// frames each (at least 32 × 8192 bytes) for the life of the connection, zero-filled, so
+    /// this decides about 64 × `frame_max` bytes of resident memory. A bigger frame only splits a
+    /// large message into fewer body frames.
+    pub frame_max: u32,
     pub reconnect: BackoffConfig,
     pub retry: RetryConfig,
     /// Optional rules by recipient; recipients that match none use `exchange`/`routing_key`.
@@ -190,6 +197,7 @@ impl Default for AmqpConfig {
             heartbeat: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             confirm_timeout: Duration::from_secs(60),
+            frame_max: 16_384,
             reconnect: BackoffConfig::default(),
             retry: RetryConfig::default(),
             routes: Vec::new(),
@@ -200,6 +208,11 @@ impl Default for AmqpConfig {
 
 /// Longest AMQP short string (exchange, routing key, queue and vhost names).
 const SHORTSTR_MAX: usize = 255;
+
+/// Smallest `amqp.frame_max`: AMQP 0-9-1's `frame-min-size`, which every peer must accept.
+pub const FRAME_MAX_MIN: u32 = 4096;
+/// Largest `amqp.frame_max` we allow (1 MiB): more only grows lapin's buffers (64 frames).
+pub const FRAME_MAX_MAX: u32 = 1_048_576;
 
 /// Splits "host:port" (IPv6 as "[::1]:5672"); `None` if it is not one.
 pub fn split_node(node: &str) -> Option<(String, u16)> {
@@ -285,6 +298,11 @@ impl AmqpConfig {
         if self.heartbeat.subsec_nanos() != 0 || self.heartbeat.as_secs() > u64::from(u16::MAX) {
             problems.push("amqp.heartbeat: must be whole seconds, at most 65535s".to_owned());
         }
+        if !(FRAME_MAX_MIN..=FRAME_MAX_MAX).contains(&self.frame_max) {
+            problems.push(format!(
+                "amqp.frame_max: must be {FRAME_MAX_MIN}-{FRAME_MAX_MAX} bytes (AMQP's minimum frame to 1 MiB)"
+            ));
+        }
         for (name, d) in [
             ("amqp.connect_timeout", self.connect_timeout),
             ("amqp.confirm_timeout", self.confirm_timeout),
@@ -356,6 +374,7 @@ mod tests {
         assert_eq!(cfg.nodes, ["127.0.0.1:5672"]);
         assert_eq!(cfg.queue_name(), "lsmtpd");
         assert_eq!(cfg.exchange, "");
+        assert_eq!(cfg.frame_max, 16_384);
     }
 
     #[test]
@@ -368,12 +387,13 @@ mod tests {
     fn documented_example_parses() {
         let text = r#"(
             nodes: ["a:5672", "[::1]:5671"], payload: raw, max_in_flight: 8,
-            heartbeat: "5s", retry: (initial: "1s", max: "1m", max_attempts: 3, max_age: "1h"),
+            heartbeat: "5s", frame_max: 131072, retry: (initial: "1s", max: "1m", max_attempts: 3, max_age: "1h"),
             topology: (declare: true, queue_type: quorum),
             routes: [(recipients: ["example.org", "ops@example.com"], exchange: "", routing_key: "ops")],
         )"#;
         let cfg: AmqpConfig = ron::from_str(text).expect("parses");
         assert_eq!(cfg.payload, PayloadFormat::Raw);
+        assert_eq!(cfg.frame_max, 131_072);
         assert_eq!(cfg.retry.max_age, Duration::from_secs(3600));
         assert_eq!(cfg.topology.queue_type, QueueType::Quorum);
         assert_eq!(problems(&cfg), Vec::<String>::new());
@@ -390,6 +410,7 @@ mod tests {
             nodes: vec!["nohost".into(), ":5672".into(), "h:0".into()],
             max_in_flight: 0,
             heartbeat: Duration::from_millis(1500),
+            frame_max: 0,
             retry: RetryConfig {
                 initial: Duration::from_secs(10),
                 max: Duration::from_secs(1),
@@ -414,6 +435,7 @@ mod tests {
             "amqp.nodes: \"h:0\"",
             "amqp.max_in_flight",
             "amqp.heartbeat",
+            "amqp.frame_max",
             "amqp.retry.max",
             "amqp.topology.queue",
             "amqp.topology.exchange_type",
@@ -425,6 +447,29 @@ mod tests {
                 p.iter().any(|m| m.starts_with(needle)),
                 "{needle} missing in {p:#?}"
             );
+        }
+    }
+
+    #[test]
+    fn frame_max_is_between_the_amqp_minimum_and_one_mib() {
+        for (frame_max, ok) in [
+            (4095, false),
+            (4096, true),
+            (1_048_576, true),
+            (1_048_577, false),
+        ] {
+            let p = problems(&AmqpConfig {
+                frame_max,
+                ..AmqpConfig::default()
+            });
+            if ok {
+                assert_eq!(p, Vec::<String>::new(), "frame_max {frame_max}");
+            } else {
+                assert!(
+                    p.len() == 1 && p[0].starts_with("amqp.frame_max: must be 4096-1048576"),
+                    "frame_max {frame_max}: {p:#?}"
+                );
+            }
         }
     }
 
