@@ -33,6 +33,47 @@ fn rabbitmqctl(args: &[&str]) {
     );
 }
 
+/// The frame_max the broker negotiated for the connection in `vhost` whose `connection_name`
+/// client property is `name` (lsmtpd sends "lsmtpd <pid>"), from `rabbitmqctl list_connections`.
+/// `None` while the broker lists no such connection.
+pub fn negotiated_frame_max(vhost: &str, name: &str) -> Option<u64> {
+    let out = Command::new("rabbitmqctl")
+        .args([
+            "list_connections",
+            "-q",
+            "--formatter",
+            "json",
+            "vhost",
+            "frame_max",
+            "client_properties",
+        ])
+        .output()
+        .expect("rabbitmqctl runs");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl list_connections: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "rabbitmqctl list_connections printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    // client_properties is a list of [key, type, value] triples.
+    let named = |conn: &serde_json::Value| {
+        conn["client_properties"].as_array().is_some_and(|props| {
+            props
+                .iter()
+                .any(|p| p[0] == "connection_name" && p[2] == name)
+        })
+    };
+    list.as_array()?
+        .iter()
+        .find(|conn| conn["vhost"] == vhost && named(conn))
+        .and_then(|conn| conn["frame_max"].as_u64())
+}
+
 /// A fresh vhost with full permissions for guest; deleted on drop.
 pub struct Vhost {
     pub name: String,
