@@ -173,7 +173,9 @@ pub struct AmqpConfig {
     /// may lower it (the smaller of both wins). lapin keeps a send and a receive buffer of 32
     /// frames each (at least 32 × 8192 bytes) for the life of the connection, zero-filled, so
     /// this decides about 64 × `frame_max` bytes of resident memory. A bigger frame only splits a
-    /// large message into fewer body frames.
+    /// large message into fewer body frames. The content header (properties and the `x-lsmtpd-*`
+    /// envelope headers, every recipient included) must fit in one frame, or the broker closes
+    /// the connection (README, "Message size and the broker's limit").
     pub frame_max: u32,
     pub reconnect: BackoffConfig,
     pub retry: RetryConfig,
