@@ -211,8 +211,10 @@ impl Default for AmqpConfig {
 /// Longest AMQP short string (exchange, routing key, queue and vhost names).
 const SHORTSTR_MAX: usize = 255;
 
-/// Smallest `amqp.frame_max`: AMQP 0-9-1's `frame-min-size`, which every peer must accept.
-pub const FRAME_MAX_MIN: u32 = 4096;
+/// Smallest `amqp.frame_max`. AMQP 0-9-1's `frame-min-size` is 4096, but RabbitMQ 4.1 raised
+/// its minimum to 8192 and refuses a connection that asks for less (`frame_max=4096 < 8192 min
+/// size`), and lapin sizes its buffers for at least 8192 anyway, so less would save nothing.
+pub const FRAME_MAX_MIN: u32 = 8192;
 /// Largest `amqp.frame_max` we allow (1 MiB): more only grows lapin's buffers (64 frames).
 pub const FRAME_MAX_MAX: u32 = 1_048_576;
 
@@ -302,7 +304,7 @@ impl AmqpConfig {
         }
         if !(FRAME_MAX_MIN..=FRAME_MAX_MAX).contains(&self.frame_max) {
             problems.push(format!(
-                "amqp.frame_max: must be {FRAME_MAX_MIN}-{FRAME_MAX_MAX} bytes (AMQP's minimum frame to 1 MiB)"
+                "amqp.frame_max: must be {FRAME_MAX_MIN}-{FRAME_MAX_MAX} bytes (RabbitMQ's minimum frame to 1 MiB)"
             ));
         }
         for (name, d) in [
@@ -453,10 +455,11 @@ mod tests {
     }
 
     #[test]
-    fn frame_max_is_between_the_amqp_minimum_and_one_mib() {
+    fn frame_max_is_between_rabbitmqs_minimum_and_one_mib() {
         for (frame_max, ok) in [
-            (4095, false),
-            (4096, true),
+            (4096, false),
+            (8191, false),
+            (8192, true),
             (1_048_576, true),
             (1_048_577, false),
         ] {
@@ -468,7 +471,7 @@ mod tests {
                 assert_eq!(p, Vec::<String>::new(), "frame_max {frame_max}");
             } else {
                 assert!(
-                    p.len() == 1 && p[0].starts_with("amqp.frame_max: must be 4096-1048576"),
+                    p.len() == 1 && p[0].starts_with("amqp.frame_max: must be 8192-1048576"),
                     "frame_max {frame_max}: {p:#?}"
                 );
             }
