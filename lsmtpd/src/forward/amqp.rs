@@ -11,9 +11,10 @@
 //!   `x-lsmtpd-target` header it carries, never by the confirm it arrived on.
 //! - `basic_publish(..).await` resolves when the frames are queued for the socket; lapin stops
 //!   writing while the broker has the connection blocked.
-//! - lapin's I/O loop allocates and zero-fills a send and a receive buffer of 32 frames each
-//!   (`FRAMES_STORAGE`, at least 32 × 8192 bytes) for the negotiated frame size, so
-//!   `amqp.frame_max` is what sets the connection's resident memory.
+//! - lapin's I/O loop allocates a zeroed send and receive buffer of 32 frames each
+//!   (`FRAMES_STORAGE`, at least 32 × 8192 bytes) for the negotiated frame size; their pages
+//!   become resident as traffic passes through, so `amqp.frame_max` bounds the connection's
+//!   resident memory.
 
 use std::time::Duration;
 
@@ -348,7 +349,7 @@ mod tests {
         cfg.tls.enabled = true;
         let uri = broker_uri(&cfg, "rabbit".into(), 5671);
         assert_eq!(uri.scheme, AMQPScheme::AMQPS);
-        assert_eq!(uri.query.frame_max, Some(16_384));
+        assert_eq!(uri.query.frame_max, Some(32_768));
         assert_eq!(uri.query.heartbeat, Some(10));
     }
 

@@ -14,7 +14,7 @@
 //!     topology: (declare: true, queue: None, queue_type: classic, exchange_type: "direct"),
 //!     max_in_flight: 256,             // unconfirmed publishes at once
 //!     heartbeat: "10s", connect_timeout: "10s", confirm_timeout: "60s",
-//!     frame_max: 16384,               // bytes; the broker may lower it
+//!     frame_max: 32768,               // bytes; the broker may lower it
 //!     reconnect: (initial: "500ms", max: "30s"),
 //!     retry: (initial: "5s", max: "10m", max_attempts: 30, max_age: "5d"),
 //!     routes: [(recipients: ["example.org", "ops@example.com"], exchange: "", routing_key: "ops")],
@@ -171,8 +171,9 @@ pub struct AmqpConfig {
     pub confirm_timeout: Duration,
     /// Largest AMQP frame we ask for, in bytes ([`FRAME_MAX_MIN`]–[`FRAME_MAX_MAX`]); the broker
     /// may lower it (the smaller of both wins). lapin keeps a send and a receive buffer of 32
-    /// frames each (at least 32 × 8192 bytes) for the life of the connection, zero-filled, so
-    /// this decides about 64 × `frame_max` bytes of resident memory. A bigger frame only splits a
+    /// frames each (at least 32 × 8192 bytes) for the life of the connection; their pages become
+    /// resident as traffic passes through, so this decides up to 64 × `frame_max` bytes of
+    /// resident memory (2 MiB at the default 32768). A bigger frame only splits a
     /// large message into fewer body frames. The content header (properties and the `x-lsmtpd-*`
     /// envelope headers, every recipient included) must fit in one frame, or the broker closes
     /// the connection (README, "Message size and the broker's limit").
@@ -199,7 +200,7 @@ impl Default for AmqpConfig {
             heartbeat: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             confirm_timeout: Duration::from_secs(60),
-            frame_max: 16_384,
+            frame_max: 32_768,
             reconnect: BackoffConfig::default(),
             retry: RetryConfig::default(),
             routes: Vec::new(),
@@ -378,7 +379,7 @@ mod tests {
         assert_eq!(cfg.nodes, ["127.0.0.1:5672"]);
         assert_eq!(cfg.queue_name(), "lsmtpd");
         assert_eq!(cfg.exchange, "");
-        assert_eq!(cfg.frame_max, 16_384);
+        assert_eq!(cfg.frame_max, 32_768);
     }
 
     #[test]
