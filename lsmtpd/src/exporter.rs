@@ -200,7 +200,7 @@ impl Series {
             ),
             refused_by_broker: counter(
                 "lsmtpd_broker_refused_total",
-                "Messages held because the broker refused them",
+                "Messages held because the broker refused them or would (header_too_large)",
             ),
             connection_failures: counter(
                 "lsmtpd_broker_connection_failures_total",

@@ -176,7 +176,8 @@ pub struct QueueEntry {
     pub mail_from: String,
     pub rcpt_to: Vec<String>,
     pub state: QueueState,
-    /// For held mail: `manual`, `too_many_attempts`, `too_old`, `refused` or `unreadable`.
+    /// For held mail: `manual`, `too_many_attempts`, `too_old`, `refused`, `header_too_large`
+    /// or `unreadable`.
     #[serde(default)]
     pub hold_reason: Option<String>,
     /// Counted failed deliveries (nacks, returns); broker outages do not count.
@@ -313,7 +314,8 @@ pub struct Counters {
     pub nacked: u64,
     pub returned: u64,
     pub failed_attempts: u64,
-    /// Messages the forwarder held because the broker refused them.
+    /// Messages the forwarder held because the broker refused them (`refused`) or would have
+    /// (`header_too_large`).
     pub refused: u64,
     pub connection_failures: u64,
     /// SMTP AUTH successes (235); absent from daemons without AUTH.

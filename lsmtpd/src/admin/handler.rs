@@ -283,6 +283,7 @@ fn hold_reason(reason: HoldReason) -> &'static str {
         HoldReason::TooManyAttempts => "too_many_attempts",
         HoldReason::TooOld => "too_old",
         HoldReason::Refused => "refused",
+        HoldReason::HeaderTooLarge => "header_too_large",
         HoldReason::Unreadable => "unreadable",
     }
 }

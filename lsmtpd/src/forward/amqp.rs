@@ -15,9 +15,15 @@
 //!   (`FRAMES_STORAGE`, at least 32 × 8192 bytes) for the negotiated frame size; their pages
 //!   become resident as traffic passes through, so `amqp.frame_max` bounds the connection's
 //!   resident memory.
+//! - lapin splits a body into frames of `frame_max` but sends the content header (properties,
+//!   our `x-lsmtpd-*` headers with every recipient) as one frame without checking its size, and
+//!   RabbitMQ closes the whole *connection* for a frame over `frame_max` (`501 FRAME_ERROR`). So
+//!   [`check_header_frame`] sizes that frame with amq-protocol's own serializer (the one lapin's
+//!   I/O loop writes with) before anything of the message is published.
 
 use std::time::Duration;
 
+use amq_protocol::frame::{gen_frame, AMQPContentHeader, AMQPFrame, WriteContext};
 use bytes::Bytes;
 use lapin::options::{
     BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
@@ -30,7 +36,7 @@ use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserIn
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ErrorKind, ExchangeKind};
 
 use super::config::{split_node, AmqpConfig, QueueType};
-use super::payload::{Encoded, HeaderValue};
+use super::payload::HeaderValue;
 use super::route::Target;
 use crate::spool::{MessageId, Record};
 
@@ -52,9 +58,20 @@ pub enum AmqpError {
     /// TCP, TLS or the AMQP handshake did not finish within `amqp.connect_timeout`.
     #[error("connect timed out after {0:?}")]
     Timeout(Duration),
-    /// A name is longer than AMQP's 255-byte short string.
+    /// A name is longer than AMQP's 255-byte short string. The message can never be published
+    /// as is: the forwarder holds it as `Refused`.
     #[error("{0} is longer than 255 bytes")]
     TooLong(&'static str),
+    /// The content-header frame of a publish (properties and envelope headers, every recipient
+    /// of the target) is larger than the connection's negotiated `frame_max`. Sent anyway, it
+    /// would make the broker close the connection. The forwarder holds the message as
+    /// `HeaderTooLarge`, publishing nothing of it; a larger `amqp.frame_max` lets it through.
+    #[error("its AMQP content header is {bytes} bytes, more than the connection's frame_max of {frame_max}")]
+    HeaderTooLarge { bytes: usize, frame_max: u32 },
+    /// amq-protocol could not serialize the content header (only above its 4 GiB length
+    /// fields). Held as `Refused`, like [`AmqpError::TooLong`].
+    #[error("cannot encode the AMQP content header: {0}")]
+    HeaderEncoding(String),
     /// The broker or the network failed; see [`classify`] for what it means for messages.
     #[error(transparent)]
     Lapin(#[from] lapin::Error),
@@ -254,31 +271,76 @@ fn header_value(v: &HeaderValue) -> AMQPValue {
     }
 }
 
-/// Publishes one copy (mandatory, persistent). Resolves when the frames are handed to lapin's
-/// writer; the returned future resolves with the broker's confirm.
-pub async fn publish(
-    channel: &Channel,
+/// The properties of the publish of `record` to its target number `target_index`: persistent,
+/// our id as `message_id`, `headers` (see [`super::payload::envelope_headers`]) plus
+/// [`TARGET_HEADER`]. Pure.
+pub fn properties(
     record: &Record,
     target_index: usize,
-    target: &Target,
-    encoded: &Encoded,
-) -> Result<lapin::PublisherConfirm, AmqpError> {
-    let mut headers = FieldTable::default();
-    for (name, value) in &encoded.headers {
-        headers.insert(short(name, "header")?, header_value(value));
+    content_type: &str,
+    headers: &[(&'static str, HeaderValue)],
+) -> Result<BasicProperties, AmqpError> {
+    let mut table = FieldTable::default();
+    for (name, value) in headers {
+        table.insert(short(name, "header")?, header_value(value));
     }
-    headers.insert(
+    table.insert(
         short(TARGET_HEADER, "header")?,
         AMQPValue::LongLongInt(i64::try_from(target_index).unwrap_or(i64::MAX)),
     );
-    let props = BasicProperties::default()
+    Ok(BasicProperties::default()
         .with_delivery_mode(2)
         .with_message_id(short(&record.id.to_string(), "message_id")?)
         .with_timestamp(record.received_at_ms / 1000)
-        .with_content_type(short(encoded.content_type, "content_type")?)
+        .with_content_type(short(content_type, "content_type")?)
         .with_app_id(short("lsmtpd", "app_id")?)
-        .with_headers(headers);
-    let body: &Bytes = &encoded.body;
+        .with_headers(table))
+}
+
+/// AMQP 0-9-1's class id of `basic`, the class of a `basic.publish` content header.
+const BASIC_CLASS_ID: u16 = 60;
+
+/// The size in bytes of the content-header frame lapin sends for a publish with `props`,
+/// framing included (7-byte frame header and the frame-end octet): amq-protocol's `gen_frame`,
+/// which lapin's I/O loop writes with, serializing the frame into a `Vec`. The channel and the
+/// body size are fixed-width fields, so neither changes the size. Pure.
+pub fn header_frame_bytes(props: &BasicProperties) -> Result<usize, AmqpError> {
+    let frame = AMQPFrame::Header(
+        1,
+        AMQPContentHeader {
+            class_id: BASIC_CLASS_ID,
+            body_size: 0,
+            properties: props.clone(),
+        },
+    );
+    let written = gen_frame(&frame)(WriteContext::from(Vec::new()))
+        .map_err(|e| AmqpError::HeaderEncoding(e.to_string()))?;
+    Ok(written.write.len())
+}
+
+/// Checks that the content-header frame for `props` fits a connection whose negotiated frame
+/// size is `frame_max`, and returns its size. AMQP 0-9-1 counts the whole frame against
+/// `frame_max` (0: no limit), and so does this. RabbitMQ (3.10, tried) tolerates 8 bytes more for
+/// old clients and closes the connection above that (`frame_too_large, 8193, 8184`: payload,
+/// `frame_max` − 8), so the check is 8 bytes stricter than RabbitMQ needs. Pure.
+pub fn check_header_frame(props: &BasicProperties, frame_max: u32) -> Result<usize, AmqpError> {
+    let bytes = header_frame_bytes(props)?;
+    let limit = usize::try_from(frame_max).unwrap_or(usize::MAX);
+    if frame_max != 0 && bytes > limit {
+        return Err(AmqpError::HeaderTooLarge { bytes, frame_max });
+    }
+    Ok(bytes)
+}
+
+/// Publishes one copy (mandatory, persistent) with `props` from [`properties`], which
+/// [`check_header_frame`] has passed. Resolves when the frames are handed to lapin's writer;
+/// the returned future resolves with the broker's confirm.
+pub async fn publish(
+    channel: &Channel,
+    target: &Target,
+    props: BasicProperties,
+    body: &Bytes,
+) -> Result<lapin::PublisherConfirm, AmqpError> {
     Ok(channel
         .basic_publish(
             short(&target.exchange, "exchange")?,
@@ -351,6 +413,102 @@ mod tests {
         assert_eq!(uri.scheme, AMQPScheme::AMQPS);
         assert_eq!(uri.query.frame_max, Some(32_768));
         assert_eq!(uri.query.heartbeat, Some(10));
+    }
+
+    fn record(rcpt_to: Vec<String>) -> Record {
+        Record {
+            id: MessageId::new_v7(),
+            received_at_ms: 1_739_441_472_345,
+            client_ip: "2001:db8::7".parse().expect("ip"),
+            helo: "client.example".into(),
+            tls: true,
+            auth_user: None,
+            mail_from: "a@example.org".into(),
+            rcpt_to,
+            size: 1234,
+            state: crate::spool::State::Queued { due_ms: 0 },
+            attempts: 0,
+            last_error: None,
+            body_chunks: 1,
+        }
+    }
+
+    /// Properties whose only header is one string of `filler` bytes.
+    fn props_with(filler: usize) -> BasicProperties {
+        let mut table = FieldTable::default();
+        table.insert("f".into(), AMQPValue::LongString("x".repeat(filler).into()));
+        BasicProperties::default().with_headers(table)
+    }
+
+    #[test]
+    fn an_empty_header_frame_is_22_bytes_and_parses_back() {
+        // Frame header 7 (type, channel, size), class 2, weight 2, body size 8, flags 2, end 1.
+        assert_eq!(
+            header_frame_bytes(&BasicProperties::default()).expect("gen"),
+            22
+        );
+        let props = props_with(100);
+        let frame = AMQPFrame::Header(
+            1,
+            AMQPContentHeader {
+                class_id: BASIC_CLASS_ID,
+                body_size: 0,
+                properties: props.clone(),
+            },
+        );
+        let bytes = gen_frame(&frame)(WriteContext::from(Vec::new()))
+            .expect("gen")
+            .write;
+        assert_eq!(bytes.len(), header_frame_bytes(&props).expect("gen"));
+        let (rest, parsed) = amq_protocol::frame::parse_frame(bytes.as_slice()).expect("parses");
+        assert!(rest.is_empty());
+        assert_eq!(parsed, frame);
+    }
+
+    #[test]
+    fn a_header_frame_fits_up_to_exactly_frame_max() {
+        let frame_max = 8192;
+        let base = header_frame_bytes(&props_with(0)).expect("gen");
+        let at = frame_max as usize - base;
+        assert_eq!(
+            check_header_frame(&props_with(at - 1), frame_max).expect("fits"),
+            8191
+        );
+        assert_eq!(
+            check_header_frame(&props_with(at), frame_max).expect("fits"),
+            8192
+        );
+        match check_header_frame(&props_with(at + 1), frame_max) {
+            Err(AmqpError::HeaderTooLarge { bytes, frame_max }) => {
+                assert_eq!((bytes, frame_max), (8193, 8192));
+            }
+            other => panic!("expected HeaderTooLarge, got {other:?}"),
+        }
+        // 0 is AMQP's "no limit".
+        assert!(check_header_frame(&props_with(at + 1), 0).is_ok());
+    }
+
+    #[test]
+    fn the_default_frame_max_holds_the_default_recipients_at_their_longest() {
+        let max_recipients = crate::config::Config::default().smtp.max_recipients;
+        // 254 bytes: the longest address inside a 256-byte path (RFC 5321 4.5.3.1.3).
+        let rcpt: Vec<String> = (0..max_recipients)
+            .map(|i| format!("{i:064}@{}", "d".repeat(254 - 65)))
+            .collect();
+        let mut r = record(rcpt);
+        r.helo = "h".repeat(505); // a 512-byte command line: "EHLO " + name + CRLF
+        r.mail_from = format!("{}@{}", "s".repeat(64), "d".repeat(254 - 65));
+        r.auth_user = Some("u".repeat(crate::smtp::auth::MAX_USER_BYTES));
+        let headers = super::super::payload::envelope_headers(&r, &r.rcpt_to);
+        let props = properties(&r, usize::MAX, "application/json", &headers).expect("props");
+        let frame_max = AmqpConfig::default().frame_max;
+        let bytes = check_header_frame(&props, frame_max).expect("fits the default frame_max");
+        assert!(
+            bytes > 27_000,
+            "{bytes} bytes: every field should be at its longest"
+        );
+        // and the old default, 16384, did not hold them
+        assert!(check_header_frame(&props, 16_384).is_err());
     }
 
     #[test]

@@ -19,6 +19,11 @@
 //!   the attempt counted. With several, all are unleased without an attempt and the forwarder
 //!   re-sends them one at a time ("probe mode") until each has settled, so innocent messages
 //!   are never held.
+//! - **What cannot be sent is held, not sent.** Before any copy of a message is published, every
+//!   copy's content header is sized against the connection's negotiated `frame_max`
+//!   ([`amqp::check_header_frame`]). One that does not fit would make the broker close the
+//!   connection, and the message would be re-sent after every reconnect, stalling the queue;
+//!   instead the message is held as `HeaderTooLarge`, no attempt counted, nothing published.
 //! - **Bounded window.** At most `amqp.max_in_flight` messages are leased at once.
 //! - **No polling.** The loop sleeps until the spool doorbell rings, the next message is due, a
 //!   confirm arrives, a broker event arrives, or the shutdown token fires.
@@ -76,7 +81,8 @@ pub struct BrokerStatus {
     pub returned: u64,
     /// Message attempts that failed (nack, return, refusal); each one counted in the spool.
     pub failed_attempts: u64,
-    /// Messages held because the broker refused them outright.
+    /// Messages held because the broker refused them outright (`Refused`), or would have
+    /// (`HeaderTooLarge`: a content header over the connection's frame_max).
     pub refused: u64,
     /// Connections lost or failed to open.
     pub connection_failures: u64,
@@ -545,6 +551,26 @@ impl Forwarder {
             &self.cfg.exchange,
             &self.cfg.routing_key,
         );
+        // Every copy's content header must fit in one frame, checked before any copy goes out:
+        // lapin would send an oversized one and the broker would close the connection, and the
+        // message, never settled, would be sent again after every reconnect, stalling the rest.
+        let frame_max = conn.configuration().frame_max();
+        let content_type = payload::content_type(self.cfg.payload);
+        let mut props = Vec::with_capacity(targets.len());
+        for (index, target) in targets.iter().enumerate() {
+            let headers = payload::envelope_headers(&record, &target.recipients);
+            let checked = amqp::properties(&record, index, content_type, &headers).and_then(|p| {
+                amqp::check_header_frame(&p, frame_max)?;
+                Ok(p)
+            });
+            match checked {
+                Ok(p) => props.push(p),
+                Err(e) => {
+                    self.hold_unpublishable(&record, &e).await;
+                    return Ok(());
+                }
+            }
+        }
         self.inflight.insert(
             id,
             InFlight {
@@ -557,7 +583,7 @@ impl Forwarder {
         self.shared
             .in_flight
             .store(self.inflight.len() as u64, Ordering::Relaxed);
-        for (index, target) in targets.iter().enumerate() {
+        for (index, (target, props)) in targets.iter().zip(props).enumerate() {
             let encoded = match &body {
                 Some(b) => payload::encode(self.cfg.payload, &record, &target.recipients, b),
                 None => break, // unreachable: the body is kept until the last target
@@ -565,7 +591,7 @@ impl Forwarder {
             if index + 1 == targets.len() {
                 body = None;
             }
-            let publish = amqp::publish(channel, &record, index, target, &encoded);
+            let publish = amqp::publish(channel, target, props, &encoded);
             tokio::pin!(publish);
             // Frames wait in lapin while the broker blocks us; only a stall while unblocked
             // is treated as a dead connection.
@@ -602,6 +628,20 @@ impl Forwarder {
             }
         }
         Ok(())
+    }
+
+    /// A leased message none of whose copies was published, because one of them cannot be
+    /// (see [`amqp::check_header_frame`]): held, so it neither blocks the queue nor is lost.
+    async fn hold_unpublishable(&mut self, record: &Record, error: &amqp::AmqpError) {
+        let (reason, hint) = match error {
+            amqp::AmqpError::HeaderTooLarge { .. } => (
+                HoldReason::HeaderTooLarge,
+                "; raise amqp.frame_max (and the broker's, if lower), then retry it",
+            ),
+            _ => (HoldReason::Refused, ""),
+        };
+        let text = format!("cannot publish: {error}{hint}");
+        self.hold(record.id, reason, &text).await;
     }
 
     /// Handles a batch of confirms starting with `first`. Returns whether any publish was acked.
@@ -740,7 +780,7 @@ impl Forwarder {
 
     async fn hold(&mut self, id: MessageId, reason: HoldReason, text: &str) {
         warn!(msg_id = %id, ?reason, error = %text, "message_held");
-        if reason == HoldReason::Refused {
+        if matches!(reason, HoldReason::Refused | HoldReason::HeaderTooLarge) {
             Shared::bump(&self.shared.refused);
         }
         if let Err(e) = self.spool.hold(id, reason, Some(text)).await {

@@ -49,14 +49,6 @@ pub enum HeaderValue {
     List(Vec<String>),
 }
 
-/// The body and metadata of one publish.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Encoded {
-    pub body: Bytes,
-    pub content_type: &'static str,
-    pub headers: Vec<(&'static str, HeaderValue)>,
-}
-
 /// The JSON payload, field for field. `Deserialize` is for consumers and tests.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JsonPayload {
@@ -116,7 +108,20 @@ pub fn rfc3339_ms(unix_ms: u64) -> String {
         .unwrap_or_default()
 }
 
-fn envelope_headers(record: &Record, recipients: &[String]) -> Vec<(&'static str, HeaderValue)> {
+/// The AMQP `content_type` of a publish in `format`.
+pub fn content_type(format: PayloadFormat) -> &'static str {
+    match format {
+        PayloadFormat::Raw => "message/rfc822",
+        PayloadFormat::Json => "application/json",
+    }
+}
+
+/// The `x-lsmtpd-*` headers of one publish of `record` for `recipients` (the target's share of
+/// the envelope). They travel in the content-header frame, which must fit in one AMQP frame.
+pub fn envelope_headers(
+    record: &Record,
+    recipients: &[String],
+) -> Vec<(&'static str, HeaderValue)> {
     let mut h = vec![
         (
             "x-lsmtpd-sender",
@@ -147,20 +152,16 @@ fn envelope_headers(record: &Record, recipients: &[String]) -> Vec<(&'static str
     h
 }
 
-/// Encodes one publish of `record` for `recipients` (the target's share of the envelope).
+/// The AMQP body of one publish of `record` for `recipients` (the target's share of the
+/// envelope); its properties come from [`content_type`] and [`envelope_headers`].
 pub fn encode(
     format: PayloadFormat,
     record: &Record,
     recipients: &[String],
     body: &Bytes,
-) -> Encoded {
-    let headers = envelope_headers(record, recipients);
+) -> Bytes {
     match format {
-        PayloadFormat::Raw => Encoded {
-            body: body.clone(),
-            content_type: "message/rfc822",
-            headers,
-        },
+        PayloadFormat::Raw => body.clone(),
         PayloadFormat::Json => {
             let base64_text;
             let (email_content, content_encoding) = match std::str::from_utf8(body) {
@@ -191,11 +192,7 @@ pub fn encode(
             if serde_json::to_writer(&mut json, &payload).is_err() {
                 json.clear();
             }
-            Encoded {
-                body: Bytes::from(json),
-                content_type: "application/json",
-                headers,
-            }
+            Bytes::from(json)
         }
     }
 }
@@ -251,9 +248,8 @@ mod tests {
             &r.rcpt_to,
             &Bytes::copy_from_slice(body),
         );
-        assert_eq!(e.content_type, "application/json");
-        let v: serde_json::Value = serde_json::from_slice(&e.body).expect("json");
-        let p: JsonPayload = serde_json::from_slice(&e.body).expect("payload");
+        let v: serde_json::Value = serde_json::from_slice(&e).expect("json");
+        let p: JsonPayload = serde_json::from_slice(&e).expect("payload");
         (v, p)
     }
 
@@ -295,9 +291,9 @@ mod tests {
                 &r.rcpt_to,
                 &Bytes::copy_from_slice(body),
             );
-            let owned: JsonPayload = serde_json::from_slice(&e.body).expect("json");
+            let owned: JsonPayload = serde_json::from_slice(&e).expect("json");
             assert_eq!(owned.email_bytes().expect("bytes"), body);
-            assert_eq!(serde_json::to_vec(&owned).expect("json"), e.body.to_vec());
+            assert_eq!(serde_json::to_vec(&owned).expect("json"), e.to_vec());
         }
     }
 
@@ -314,10 +310,11 @@ mod tests {
         let body = Bytes::from_static(b"\xff\xfe raw");
         let mut r = record(&body);
         r.auth_user = Some("joe".into());
-        let e = encode(PayloadFormat::Raw, &r, &r.rcpt_to, &body);
-        assert_eq!(e.body, body);
-        assert_eq!(e.content_type, "message/rfc822");
-        let names: Vec<&str> = e.headers.iter().map(|(n, _)| *n).collect();
+        assert_eq!(encode(PayloadFormat::Raw, &r, &r.rcpt_to, &body), body);
+        assert_eq!(content_type(PayloadFormat::Raw), "message/rfc822");
+        assert_eq!(content_type(PayloadFormat::Json), "application/json");
+        let headers = envelope_headers(&r, &r.rcpt_to);
+        let names: Vec<&str> = headers.iter().map(|(n, _)| *n).collect();
         assert!(names.contains(&"x-lsmtpd-sender"));
         assert!(names.contains(&"x-lsmtpd-recipients"));
         assert!(names.contains(&"x-lsmtpd-auth-user"));

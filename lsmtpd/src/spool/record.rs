@@ -6,6 +6,8 @@
 //! release cannot read, or that this release cannot read from an older spool, needs a new version
 //! byte (keep decoding the old one) and a new spool fixture in `tests/fixtures/`. Adding an
 //! optional field with `#[serde(default)]` is compatible; renaming or removing one is not.
+//! Adding a [`HoldReason`] variant keeps every older spool readable; an older release reads a
+//! record held for the new reason as unreadable (kept untouched, readable again after upgrading).
 
 use std::net::IpAddr;
 
@@ -39,6 +41,10 @@ pub enum HoldReason {
     TooOld,
     /// The broker refused it outright (e.g. a return that retrying will not fix).
     Refused,
+    /// Its AMQP content header (properties and envelope headers, every recipient) does not fit
+    /// in one frame of the connection's `frame_max`, so the forwarder did not publish it (the
+    /// broker would close the connection). Retry it after raising `amqp.frame_max`.
+    HeaderTooLarge,
     /// Its record or body cannot be read back. The raw bytes are kept on disk untouched.
     Unreadable,
 }
@@ -163,6 +169,29 @@ mod tests {
         let bytes = encode(&r);
         assert_eq!(bytes[0], RECORD_V1);
         assert_eq!(decode(r.id, &bytes), Ok(r));
+    }
+
+    #[test]
+    fn every_hold_reason_is_stored_by_its_name_and_round_trips() {
+        use HoldReason::*;
+        for (reason, name) in [
+            (Manual, "manual"),
+            (TooManyAttempts, "too_many_attempts"),
+            (TooOld, "too_old"),
+            (Refused, "refused"),
+            (HeaderTooLarge, "header_too_large"),
+            (Unreadable, "unreadable"),
+        ] {
+            let mut r = sample();
+            r.state = State::Held {
+                reason,
+                since_ms: 5,
+            };
+            let bytes = encode(&r);
+            let json = String::from_utf8_lossy(&bytes[1..]).into_owned();
+            assert!(json.contains(&format!("\"reason\":\"{name}\"")), "{json}");
+            assert_eq!(decode(r.id, &bytes), Ok(r));
+        }
     }
 
     #[test]

@@ -136,6 +136,7 @@ mod tests {
             HoldReason::TooManyAttempts,
             HoldReason::TooOld,
             HoldReason::Refused,
+            HoldReason::HeaderTooLarge,
         ] {
             let h = held(reason);
             assert_eq!(admin_transition(&h, false, Retry, NOW), queued_now);
