@@ -23,15 +23,23 @@ use tokio::net::TcpStream;
 /// `lsmtpctl --json status` against the daemon's admin socket `socket`, parsed. Fails when
 /// lsmtpctl does (its stderr is in the error).
 pub fn status_json(socket: &Path) -> Result<serde_json::Value> {
+    ctl_json(socket, &["status"])
+}
+
+/// `lsmtpctl --json ARGS...` (e.g. `["queue", "show", id]`) against the admin socket `socket`,
+/// parsed. Fails when lsmtpctl does (its stderr is in the error).
+pub fn ctl_json(socket: &Path, args: &[&str]) -> Result<serde_json::Value> {
     let out = Command::new(workspace_bin("lsmtpctl"))
         .arg("--socket")
         .arg(socket)
-        .args(["--json", "status"])
+        .arg("--json")
+        .args(args)
         .env_remove("LSMTPD_ADMIN_SOCKET")
         .output()?;
     if !out.status.success() {
         bail!(
-            "lsmtpctl status failed: {}",
+            "lsmtpctl {} failed: {}",
+            args.join(" "),
             String::from_utf8_lossy(&out.stderr)
         );
     }

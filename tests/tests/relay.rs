@@ -1,5 +1,6 @@
 //! SMTP in, RabbitMQ out, through the real binary: every 250 reaches the broker at least once,
-//! across SIGKILL and broker outages, and with the small frames `amqp.frame_max` asks for.
+//! across SIGKILL and broker outages, and with the small frames `amqp.frame_max` asks for; a
+//! message whose envelope cannot fit one such frame is held, not sent, and blocks nothing.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -197,6 +198,123 @@ fn configured_frame_max_is_negotiated_and_a_large_message_arrives_intact() {
     );
     let status = d.terminate().unwrap();
     assert!(status.success());
+    assert!(spool_contents(&dir.path().join("spool"))
+        .unwrap()
+        .is_empty());
+}
+
+/// A message whose content header (40 recipients of ~250 bytes: ~10 KB) cannot fit in one frame
+/// of the 8192 bytes negotiated is held as `header_too_large` without being published (sent,
+/// it would make RabbitMQ close the connection, again after every reconnect), and an ordinary
+/// message behind it arrives. With a larger `amqp.frame_max` and `lsmtpctl queue retry` the
+/// held one arrives too, every recipient in it.
+#[test]
+fn a_header_over_frame_max_is_held_and_the_mail_behind_it_flows() {
+    let vhost = Vhost::new();
+    declare_mail_queue(&vhost);
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("lsmtpd.sock");
+    let config = |frame_max: u32| {
+        let extra = format!("frame_max: {frame_max},");
+        test_config(
+            dir.path(),
+            "",
+            Some(&amqp_section_with(&vhost, "127.0.0.1:5672", &extra)),
+        )
+    };
+    // 250-byte addresses: a 62-byte local part and a 187-byte domain of three labels.
+    let domain = format!(
+        "{}.{}.{}.example",
+        "a".repeat(60),
+        "b".repeat(60),
+        "c".repeat(57)
+    );
+    let many: Vec<String> = (0..40)
+        .map(|i| format!("{i:02}{}@{domain}", "r".repeat(60)))
+        .collect();
+    assert!(many.iter().all(|a| a.len() == 250), "{}", many[0].len());
+
+    let d = Lsmtpd::start(dir.path(), &config(8192), &[]).unwrap();
+    d.wait_for_log("broker_connected", Duration::from_secs(30))
+        .unwrap();
+    let addr = d.addr;
+    let (big, small) = block_on({
+        let many = many.clone();
+        async move {
+            let (mut c, _) = RawClient::connect(addr).await.unwrap();
+            c.cmd("EHLO frames.test").await.unwrap();
+            let to: Vec<&str> = many.iter().map(String::as_str).collect();
+            let r = c
+                .send_message(
+                    "from@example.org",
+                    &to,
+                    &stuff(b"Subject: many\r\n\r\nhi\r\n"),
+                )
+                .await
+                .unwrap();
+            assert_eq!(r.code, 250, "{r:?}");
+            let big = queued_id(&r).unwrap();
+            let r = c
+                .send_message(
+                    "from@example.org",
+                    &["to@example.net"],
+                    &stuff(b"Subject: one\r\n\r\nhi\r\n"),
+                )
+                .await
+                .unwrap();
+            assert_eq!(r.code, 250, "{r:?}");
+            (big, queued_id(&r).unwrap())
+        }
+    });
+    let got = block_on(async {
+        let (_conn, ch) = vhost.admin().await;
+        consume(&ch, "mail", 1, Duration::from_secs(30)).await
+    });
+    assert_eq!(
+        tally(&got).keys().collect::<Vec<_>>(),
+        [&small],
+        "the ordinary message did not get past the big one; log:\n{}",
+        d.log_text()
+    );
+    d.wait_for_log("message_held", Duration::from_secs(10))
+        .unwrap();
+    let shown = ctl_json(&socket, &["queue", "show", &big]).unwrap();
+    assert_eq!(shown["entry"]["state"], "held", "{shown}");
+    assert_eq!(shown["entry"]["hold_reason"], "header_too_large", "{shown}");
+    assert_eq!(shown["entry"]["attempts"], 0, "{shown}");
+    let last_error = shown["entry"]["last_error"].as_str().unwrap_or_default();
+    assert!(
+        last_error.contains("frame_max of 8192") && last_error.contains("amqp.frame_max"),
+        "{last_error}"
+    );
+    let status = status_json(&socket).unwrap();
+    assert_eq!(status["counters"]["refused"], 1, "{status}");
+    let log = d.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("message_held") && l.contains(&big) && l.contains("WARN")),
+        "{log}"
+    );
+    // One connection all along: the broker never closed it.
+    assert_eq!(log.matches("broker_connected").count(), 1, "{log}");
+    assert!(!log.contains("broker_unavailable"), "{log}");
+    assert!(d.terminate().unwrap().success());
+
+    // The operator's way out: a larger frame_max, then retry.
+    let d = Lsmtpd::start(dir.path(), &config(32768), &[]).unwrap();
+    d.wait_for_log("broker_connected", Duration::from_secs(30))
+        .unwrap();
+    ctl_json(&socket, &["queue", "retry", &big]).unwrap();
+    let got = block_on(async {
+        let (_conn, ch) = vhost.admin().await;
+        consume(&ch, "mail", 1, Duration::from_secs(30)).await
+    });
+    assert_eq!(got.len(), 1, "log:\n{}", d.log_text());
+    let payload: lsmtpd::forward::payload::JsonPayload =
+        serde_json::from_slice(&got[0].data).unwrap();
+    assert_eq!(payload.message_id, big);
+    assert_eq!(payload.recipients, many);
+    assert!(d.terminate().unwrap().success());
     assert!(spool_contents(&dir.path().join("spool"))
         .unwrap()
         .is_empty());
