@@ -175,8 +175,8 @@ pub struct AmqpConfig {
     /// resident as traffic passes through, so this decides up to 64 × `frame_max` bytes of
     /// resident memory (2 MiB at the default 32768). A bigger frame only splits a
     /// large message into fewer body frames. The content header (properties and the `x-lsmtpd-*`
-    /// envelope headers, every recipient included) must fit in one frame, or the broker closes
-    /// the connection (README, "Message size and the broker's limit").
+    /// envelope headers, every recipient included) must fit in one frame; a message whose header
+    /// does not is held as `HeaderTooLarge` (see `forward::amqp::check_header_frame`).
     pub frame_max: u32,
     pub reconnect: BackoffConfig,
     pub retry: RetryConfig,
