@@ -35,7 +35,6 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    limit_malloc_arenas();
     let args = Args::parse();
     let config = match load_config(&args) {
         Ok(c) => c,
@@ -165,28 +164,6 @@ impl Signals {
 
 /// Defaults, then the file, then systemd's directories where the file named none, then the
 /// environment; then validation. Every problem is reported at once.
-/// Most glibc malloc arenas, unless `MALLOC_ARENA_MAX` says otherwise.
-///
-/// glibc gives each thread that allocates its own arena, up to 8 per CPU, and every arena keeps
-/// the memory freed into it. The daemon has a dozen threads that allocate (tokio workers, the
-/// spool flusher, sled's I/O pool, lapin's I/O loop), so under load the arenas, not the data,
-/// set the peak RSS: 31-35 MiB at 20 clients with the default, 24 MiB with two arenas.
-const MALLOC_ARENAS: libc::c_int = 2;
-
-/// Caps glibc's malloc arenas at [`MALLOC_ARENAS`], before any thread starts. An operator's
-/// `MALLOC_ARENA_MAX` (which glibc reads itself) wins. No-op on other C libraries.
-#[allow(unsafe_code)] // the one call below; see its SAFETY note
-fn limit_malloc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: mallopt only sets a malloc parameter; it is called before any other thread
-        // exists. Its result (0 = refused) leaves glibc's default in place, which is harmless.
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS);
-        }
-    }
-}
-
 fn load_config(args: &Args) -> Result<Config, Vec<Problem>> {
     let env = |name: &str| std::env::var(name).ok();
     let (mut config, file_spool_dir, file_socket) = match &args.config {
