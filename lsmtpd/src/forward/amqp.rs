@@ -305,17 +305,22 @@ const BASIC_CLASS_ID: u16 = 60;
 /// which lapin's I/O loop writes with, serializing the frame into a `Vec`. The channel and the
 /// body size are fixed-width fields, so neither changes the size. Pure.
 pub fn header_frame_bytes(props: &BasicProperties) -> Result<usize, AmqpError> {
-    let frame = AMQPFrame::Header(
+    let written = gen_frame(&header_frame(props))(WriteContext::from(Vec::new()))
+        .map_err(|e| AmqpError::HeaderEncoding(e.to_string()))?;
+    Ok(written.write.len())
+}
+
+/// The content-header frame of a `basic.publish` with `props` (channel 1, body size 0: both are
+/// fixed-width, so they do not change the frame's size).
+fn header_frame(props: &BasicProperties) -> AMQPFrame {
+    AMQPFrame::Header(
         1,
         AMQPContentHeader {
             class_id: BASIC_CLASS_ID,
             body_size: 0,
             properties: props.clone(),
         },
-    );
-    let written = gen_frame(&frame)(WriteContext::from(Vec::new()))
-        .map_err(|e| AmqpError::HeaderEncoding(e.to_string()))?;
-    Ok(written.write.len())
+    )
 }
 
 /// Checks that the content-header frame for `props` fits a connection whose negotiated frame
@@ -448,14 +453,7 @@ mod tests {
             22
         );
         let props = props_with(100);
-        let frame = AMQPFrame::Header(
-            1,
-            AMQPContentHeader {
-                class_id: BASIC_CLASS_ID,
-                body_size: 0,
-                properties: props.clone(),
-            },
-        );
+        let frame = header_frame(&props);
         let bytes = gen_frame(&frame)(WriteContext::from(Vec::new()))
             .expect("gen")
             .write;
