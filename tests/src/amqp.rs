@@ -21,7 +21,8 @@ use tokio_util::sync::CancellationToken;
 
 pub const BROKER: &str = "127.0.0.1:5672";
 
-fn rabbitmqctl(args: &[&str]) {
+/// Runs `rabbitmqctl args`, panicking (with its stderr) unless it succeeds; returns its stdout.
+fn rabbitmqctl(args: &[&str]) -> Vec<u8> {
     let out = Command::new("rabbitmqctl")
         .args(args)
         .output()
@@ -31,33 +32,26 @@ fn rabbitmqctl(args: &[&str]) {
         "rabbitmqctl {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    out.stdout
 }
 
 /// The frame_max the broker negotiated for the connection in `vhost` whose `connection_name`
 /// client property is `name` (lsmtpd sends "lsmtpd <pid>"), from `rabbitmqctl list_connections`.
 /// `None` while the broker lists no such connection.
 pub fn negotiated_frame_max(vhost: &str, name: &str) -> Option<u64> {
-    let out = Command::new("rabbitmqctl")
-        .args([
-            "list_connections",
-            "-q",
-            "--formatter",
-            "json",
-            "vhost",
-            "frame_max",
-            "client_properties",
-        ])
-        .output()
-        .expect("rabbitmqctl runs");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl list_connections: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+    let stdout = rabbitmqctl(&[
+        "list_connections",
+        "-q",
+        "--formatter",
+        "json",
+        "vhost",
+        "frame_max",
+        "client_properties",
+    ]);
+    let list: serde_json::Value = serde_json::from_slice(&stdout).unwrap_or_else(|e| {
         panic!(
             "rabbitmqctl list_connections printed no JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
+            String::from_utf8_lossy(&stdout)
         )
     });
     // client_properties is a list of [key, type, value] triples.
