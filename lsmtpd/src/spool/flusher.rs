@@ -19,9 +19,13 @@
 //! every flush hands to sled's I/O thread pool, whose `notify_all` wakes all of its idle threads)
 //! are then paid once per group instead of once per message.
 //!
-//! A change nobody waits for ([`GroupCommit::request`], used for removals after a broker confirm,
-//! where a lost removal means a duplicate, never a loss) rides on the next group commit, or gets
-//! its own after [`LAZY_DELAY`] at the latest.
+//! Removals after a broker confirm ([`GroupCommit::remove`]) are written here too, in the same
+//! transaction as the group's accepts: sled runs every multi-tree transaction under one global
+//! write lock, so a removal transaction of its own on the forwarder's runtime thread stalled that
+//! thread (and every session on it) for as long as the flusher held the lock. A removal is
+//! answered when its transaction has committed, before the flush: a lost removal only means a
+//! duplicate, never a loss. Such a change nobody waits to be durable rides on the next group
+//! commit, or gets its own after [`LAZY_DELAY`] at the latest.
 
 use std::collections::{BTreeSet, HashMap};
 use std::ffi::OsString;
@@ -32,11 +36,12 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use bytes::Bytes;
-use sled::transaction::TransactionError;
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use sled::{Transactional, Tree};
 use tokio::sync::oneshot;
 
-use super::key::{chunk_key, meta_key};
+use super::key::{chunk_key, due_key, meta_key};
+use super::record::{self, Record};
 use super::{MessageId, SpoolError, State, CHUNK_BYTES};
 
 /// Why a durable flush failed. Cloned to every waiter of the group.
@@ -66,6 +71,10 @@ pub(crate) const FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_
 /// group: a transaction holds all of its messages in sled's write set at once, so with hundreds
 /// of clients an unbounded group would cost memory (and hold sled's write lock) for long.
 pub(crate) const MAX_GROUP_MESSAGES: usize = 64;
+
+/// Most message ids removed in one group's transaction (whole removal batches are taken until
+/// this is reached, at least one), for the same reason as [`MAX_GROUP_MESSAGES`].
+pub(crate) const MAX_GROUP_REMOVALS: usize = 256;
 
 /// Longest a change that nobody waits for ([`GroupCommit::request`]) stays without an fdatasync
 /// when no other writer comes along to share a group commit with.
@@ -97,19 +106,74 @@ pub(crate) struct AcceptOutcome {
 
 type AcceptWaiter = oneshot::Sender<AcceptOutcome>;
 
+/// Answered when the removal batch's transaction committed (with how many records it removed)
+/// or failed.
+type RemovalWaiter = oneshot::Sender<Result<usize, FlushFailure>>;
+
+/// What one committed removal took out of the spool, for the counters.
+pub(crate) struct Removed {
+    pub state: State,
+    pub size: u64,
+}
+
+/// Called on the flusher thread after a group's transaction, before any caller is answered, with
+/// every id whose removal the group carried and what each committed removal took out (nothing
+/// when the transaction failed): the spool's leases and counters follow even if the caller went
+/// away.
+pub(crate) type OnRemoved = Box<dyn Fn(&[MessageId], &[Removed]) + Send>;
+
 #[derive(Default)]
 struct Queue {
     waiters: Vec<Waiter>,
     accepts: Vec<(PreparedAccept, AcceptWaiter)>,
-    /// A committed change wants a durable flush but nobody waits for it.
-    lazy: bool,
+    removals: Vec<(Vec<MessageId>, RemovalWaiter)>,
     shutdown: bool,
 }
 
 impl Queue {
+    /// Someone waits for a durable flush.
     fn has_waiters(&self) -> bool {
         !self.waiters.is_empty() || !self.accepts.is_empty()
     }
+
+    /// Something is to be written or flushed now.
+    fn has_work(&self) -> bool {
+        self.has_waiters() || !self.removals.is_empty()
+    }
+
+    /// The accepts and removal batches of the next group, at most [`MAX_GROUP_MESSAGES`] and
+    /// about [`MAX_GROUP_REMOVALS`]; the rest stays queued for the group after it.
+    fn take_group(&mut self) -> Group {
+        let accepts = if self.accepts.len() > MAX_GROUP_MESSAGES {
+            let rest = self.accepts.split_off(MAX_GROUP_MESSAGES);
+            std::mem::replace(&mut self.accepts, rest)
+        } else {
+            std::mem::take(&mut self.accepts)
+        };
+        let mut ids = 0;
+        let batches = self
+            .removals
+            .iter()
+            .take_while(|(batch, _)| {
+                let take = ids == 0 || ids + batch.len() <= MAX_GROUP_REMOVALS;
+                ids += batch.len();
+                take
+            })
+            .count();
+        let rest = self.removals.split_off(batches);
+        Group {
+            waiters: std::mem::take(&mut self.waiters),
+            accepts,
+            removals: std::mem::replace(&mut self.removals, rest),
+        }
+    }
+}
+
+/// What one group commit writes and answers.
+struct Group {
+    waiters: Vec<Waiter>,
+    accepts: Vec<(PreparedAccept, AcceptWaiter)>,
+    removals: Vec<(Vec<MessageId>, RemovalWaiter)>,
 }
 
 struct Shared {
@@ -141,6 +205,7 @@ impl GroupCommit {
         dir: &Path,
         trees: [Tree; 3],
         on_written: OnWritten,
+        on_removed: OnRemoved,
     ) -> Result<GroupCommit, SpoolError> {
         let mut syncer = Syncer::new(db, dir)?;
         // sled writes `conf` once, at creation, without fsync.
@@ -157,7 +222,17 @@ impl GroupCommit {
         let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("spool-flusher".into())
-            .spawn(move || run(&thread_shared, &mut syncer, &trees, &on_written))?;
+            .spawn(move || {
+                run(
+                    &thread_shared,
+                    &mut syncer,
+                    &trees,
+                    &Callbacks {
+                        on_written,
+                        on_removed,
+                    },
+                )
+            })?;
         Ok(GroupCommit {
             shared,
             thread: Some(thread),
@@ -212,16 +287,34 @@ impl GroupCommit {
         }
     }
 
-    /// Asks for a durable flush without waiting for it: the next group commit covers what was
-    /// committed before this call, and one runs within [`LAZY_DELAY`] if no writer comes first.
-    pub(crate) fn request(&self) {
-        let mut queue = self.shared.lock();
-        if queue.shutdown || queue.lazy {
-            return;
+    /// Removes the records of `ids` (record, due entry, body; unknown and unreadable ids are
+    /// skipped) in the next group's transaction and waits for that transaction to commit, at most
+    /// [`FLUSH_TIMEOUT`]; it becomes durable with the next group commit, within [`LAZY_DELAY`].
+    /// Returns how many records were removed.
+    ///
+    /// Errors: the outer `Err` when the wait failed (timeout, flusher stopped); then the removal
+    /// may or may not happen. The inner `Err` when the group's transaction failed.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: dropping the future only stops waiting; the removal still happens.
+    pub(crate) async fn remove(
+        &self,
+        ids: Vec<MessageId>,
+    ) -> Result<Result<usize, FlushFailure>, SpoolError> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut queue = self.shared.lock();
+            if queue.shutdown {
+                return Err(closed());
+            }
+            queue.removals.push((ids, tx));
         }
-        queue.lazy = true;
-        drop(queue);
         self.shared.wake.notify_one();
+        match tokio::time::timeout(FLUSH_TIMEOUT, rx).await {
+            Ok(Ok(outcome)) => Ok(outcome),
+            Ok(Err(_)) => Err(closed()),
+            Err(_) => Err(timed_out()),
+        }
     }
 
     /// Number of durable flushes done so far.
@@ -257,46 +350,79 @@ impl Drop for GroupCommit {
     }
 }
 
-fn run(shared: &Shared, syncer: &mut Syncer, trees: &[Tree; 3], on_written: &OnWritten) {
+struct Callbacks {
+    on_written: OnWritten,
+    on_removed: OnRemoved,
+}
+
+fn run(shared: &Shared, syncer: &mut Syncer, trees: &[Tree; 3], callbacks: &Callbacks) {
+    // When the oldest committed change that nobody waits to be durable (a removal) committed.
+    let mut unsynced: Option<std::time::Instant> = None;
     loop {
-        let (waiters, accepts) = {
+        let group = {
             let mut queue = shared.lock();
             loop {
-                if queue.has_waiters() {
+                if queue.has_work() {
                     break;
                 }
                 if queue.shutdown {
-                    if queue.lazy {
+                    if unsynced.is_some() {
                         let _ = syncer.sync();
                     }
                     return; // nothing left to answer
                 }
-                if queue.lazy {
+                match unsynced {
                     // Give a writer the chance to share this flush; flush alone at the deadline.
-                    let (q, timeout) = shared
-                        .wake
-                        .wait_timeout(queue, LAZY_DELAY)
-                        .unwrap_or_else(|e| e.into_inner());
-                    queue = q;
-                    if timeout.timed_out() {
-                        break;
+                    Some(since) => {
+                        let left = LAZY_DELAY.saturating_sub(since.elapsed());
+                        if left.is_zero() {
+                            break;
+                        }
+                        queue = shared
+                            .wake
+                            .wait_timeout(queue, left)
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0;
                     }
-                } else {
-                    queue = shared.wake.wait(queue).unwrap_or_else(|e| e.into_inner());
+                    None => queue = shared.wake.wait(queue).unwrap_or_else(|e| e.into_inner()),
                 }
             }
-            queue.lazy = false;
-            let accepts = if queue.accepts.len() > MAX_GROUP_MESSAGES {
-                let rest = queue.accepts.split_off(MAX_GROUP_MESSAGES);
-                std::mem::replace(&mut queue.accepts, rest)
-            } else {
-                std::mem::take(&mut queue.accepts)
-            };
-            (std::mem::take(&mut queue.waiters), accepts)
+            queue.take_group()
         };
-        let started = std::time::Instant::now();
-        let written = write_accepts(trees, &accepts);
-        if let Some(failure) = written.iter().find_map(|w| w.as_ref().err()).cloned() {
+        let Group {
+            waiters,
+            accepts,
+            removals,
+        } = group;
+        let lazy_due = unsynced.is_some_and(|since| since.elapsed() >= LAZY_DELAY);
+        if (!waiters.is_empty() || !accepts.is_empty() || lazy_due)
+            && commit_group(shared, syncer, trees, callbacks, waiters, accepts)
+        {
+            unsynced = None; // that flush covered every change committed before it
+        }
+        // Removals come after the group's flush, so that they never delay an accept's answer.
+        // Nobody waits for them to be durable: they ride on the next group commit, or get one
+        // of their own LAZY_DELAY after the first of them.
+        if !removals.is_empty() && remove_batches(trees, callbacks, removals) {
+            unsynced.get_or_insert_with(std::time::Instant::now);
+        }
+    }
+}
+
+/// Writes a group's accepts in one transaction, runs the durable flush and answers everyone.
+/// Returns whether the flush ran (it does not after a failed transaction, see below).
+fn commit_group(
+    shared: &Shared,
+    syncer: &mut Syncer,
+    trees: &[Tree; 3],
+    callbacks: &Callbacks,
+    waiters: Vec<Waiter>,
+    accepts: Vec<(PreparedAccept, AcceptWaiter)>,
+) -> bool {
+    let started = std::time::Instant::now();
+    let written = match write_group(trees, &accepts, &[]) {
+        Ok((written, _, _)) => written,
+        Err(failure) => {
             // sled refused the write (e.g. ENOSPC). It keeps refusing until the database is
             // reopened and its flush may now hang for ever, so the group is answered at once
             // with that error and no flush is attempted: the callers answer 4xx, never 250, and
@@ -310,49 +436,86 @@ fn run(shared: &Shared, syncer: &mut Syncer, trees: &[Tree; 3], on_written: &OnW
                     durable: Err(failure.clone()),
                 });
             }
-            continue;
+            return false;
         }
-        if !accepts.is_empty() {
-            let done: Vec<&PreparedAccept> = accepts
-                .iter()
-                .zip(&written)
-                .filter(|(_, w)| matches!(w, Ok(true)))
-                .map(|((msg, _), _)| msg)
-                .collect();
-            on_written(&done);
+    };
+    if !accepts.is_empty() {
+        let done: Vec<&PreparedAccept> = accepts
+            .iter()
+            .zip(&written)
+            .filter(|(_, &w)| w)
+            .map(|((msg, _), _)| msg)
+            .collect();
+        (callbacks.on_written)(&done);
+    }
+    let result = syncer.sync();
+    shared.groups.fetch_add(1, Ordering::Relaxed);
+    let group = waiters.len() + accepts.len();
+    tracing::trace!(
+        waiters = waiters.len(),
+        accepts = accepts.len(),
+        flush_us = started.elapsed().as_micros() as u64,
+        "group_committed"
+    );
+    if let Err(e) = &result {
+        tracing::error!(error = ?e, waiters = group, "spool_flush_failed");
+    }
+    for waiter in waiters {
+        let _ = waiter.send(result.clone()); // a waiter that gave up is fine
+    }
+    for ((_, waiter), written) in accepts.into_iter().zip(written) {
+        let _ = waiter.send(AcceptOutcome {
+            written: Ok(written),
+            durable: result.clone(),
+        });
+    }
+    true
+}
+
+/// Removes the records of the removal batches in one transaction, lets the spool's leases and
+/// counters follow, and answers each batch. Returns whether the transaction committed.
+fn remove_batches(
+    trees: &[Tree; 3],
+    callbacks: &Callbacks,
+    removals: Vec<(Vec<MessageId>, RemovalWaiter)>,
+) -> bool {
+    let ids: Vec<MessageId> = removals
+        .iter()
+        .flat_map(|(batch, _)| batch.iter().copied())
+        .collect();
+    match write_group(trees, &[], &removals) {
+        Ok((_, removed, counts)) => {
+            (callbacks.on_removed)(&ids, &removed);
+            for ((_, waiter), count) in removals.into_iter().zip(counts) {
+                let _ = waiter.send(Ok(count));
+            }
+            true
         }
-        let result = syncer.sync();
-        shared.groups.fetch_add(1, Ordering::Relaxed);
-        let group = waiters.len() + accepts.len();
-        tracing::trace!(
-            waiters = waiters.len(),
-            accepts = accepts.len(),
-            flush_us = started.elapsed().as_micros() as u64,
-            "group_committed"
-        );
-        if let Err(e) = &result {
-            tracing::error!(error = ?e, waiters = group, "spool_flush_failed");
-        }
-        for waiter in waiters {
-            let _ = waiter.send(result.clone()); // a waiter that gave up is fine
-        }
-        for ((_, waiter), written) in accepts.into_iter().zip(written) {
-            let _ = waiter.send(AcceptOutcome {
-                written,
-                durable: result.clone(),
-            });
+        Err(failure) => {
+            (callbacks.on_removed)(&ids, &[]);
+            for (_, waiter) in removals {
+                let _ = waiter.send(Err(failure.clone()));
+            }
+            false
         }
     }
 }
 
-/// Writes every message of a group in one transaction over `meta`, `due` and `body`. A message
-/// whose id is already spooled is left alone (`Ok(false)`); the others are written (`Ok(true)`).
-fn write_accepts(
+/// What a group's transaction did: for each accept whether it was written (`false`: the id was
+/// already spooled), what the removals took out, and how many records each removal batch removed.
+type GroupWritten = (Vec<bool>, Vec<Removed>, Vec<usize>);
+
+/// Writes every message of a group and removes every record of its removal batches, all in one
+/// transaction over `meta`, `due` and `body`. A message whose id is already spooled is left
+/// alone; an id without a record (already removed) or with an unreadable one (never leased, so
+/// never removed here) is skipped. On `Err` nothing of the group was written.
+fn write_group(
     trees: &[Tree; 3],
     accepts: &[(PreparedAccept, AcceptWaiter)],
-) -> Vec<Result<bool, FlushFailure>> {
-    if accepts.is_empty() {
-        return Vec::new();
+    removals: &[(Vec<MessageId>, RemovalWaiter)],
+) -> Result<GroupWritten, FlushFailure> {
+    if accepts.is_empty() && removals.is_empty() {
+        return Ok((Vec::new(), Vec::new(), Vec::new()));
     }
     let [meta, due, body] = trees;
     let result = (meta, due, body).transaction(|(m, d, b)| {
@@ -370,21 +533,59 @@ fn write_accepts(
             }
             written.push(true);
         }
-        Ok::<_, sled::transaction::ConflictableTransactionError<()>>(written)
-    });
-    match result {
-        Ok(written) => written.into_iter().map(Ok).collect(),
-        Err(e) => {
-            let failure = match e {
-                TransactionError::Storage(e) => FlushFailure::Sled(e),
-                TransactionError::Abort(()) => {
-                    FlushFailure::Io(std::io::ErrorKind::Other, "transaction aborted".into())
-                }
-            };
-            tracing::error!(error = ?failure, messages = accepts.len(), "spool_write_failed");
-            accepts.iter().map(|_| Err(failure.clone())).collect()
+        let mut removed = Vec::new();
+        let mut counts = Vec::with_capacity(removals.len());
+        for (ids, _) in removals {
+            let before = removed.len();
+            for &id in ids {
+                let Some(raw) = m.get(meta_key(id))? else {
+                    continue;
+                };
+                let Ok(rec) = record::decode(id, &raw) else {
+                    continue;
+                };
+                tx_remove(m, d, b, &rec)?;
+                removed.push(Removed {
+                    state: rec.state,
+                    size: rec.size,
+                });
+            }
+            counts.push(removed.len() - before);
         }
+        Ok::<_, ConflictableTransactionError<()>>((written, removed, counts))
+    });
+    result.map_err(|e| {
+        let failure = match e {
+            TransactionError::Storage(e) => FlushFailure::Sled(e),
+            TransactionError::Abort(()) => {
+                FlushFailure::Io(std::io::ErrorKind::Other, "transaction aborted".into())
+            }
+        };
+        tracing::error!(
+            error = ?failure,
+            messages = accepts.len(),
+            removal_batches = removals.len(),
+            "spool_write_failed"
+        );
+        failure
+    })
+}
+
+/// Removes a decodable record, its due entry and its body inside a transaction.
+pub(super) fn tx_remove<E>(
+    m: &TransactionalTree,
+    d: &TransactionalTree,
+    b: &TransactionalTree,
+    rec: &Record,
+) -> Result<(), ConflictableTransactionError<E>> {
+    m.remove(&meta_key(rec.id)[..])?;
+    if let Some(due) = rec.state.due_ms() {
+        d.remove(&due_key(due, rec.id)[..])?;
     }
+    for i in 0..rec.body_chunks {
+        b.remove(&chunk_key(rec.id, i)[..])?;
+    }
+    Ok(())
 }
 
 /// The files one durable flush must reach.

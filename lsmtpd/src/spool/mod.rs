@@ -43,8 +43,10 @@
 //! waiting callers — sled's own flush uses `sync_file_range` (sled #1452), which does not survive
 //! a power cut. `accept` goes further: the flusher thread also writes the group's messages, all
 //! in one sled transaction, just before that flush. `complete` (removal after a broker confirm)
-//! commits and returns; its removal is made durable by the next group commit, at most
-//! `LAZY_DELAY` (50 ms) later — losing it to a power cut means a duplicate, never a loss. Only
+//! is written on that thread too, in one transaction per group right after the group's flush (so
+//! the forwarder's runtime thread never waits for sled's global transaction lock), and returns
+//! once committed; the removal is made durable by the next group commit, at most `LAZY_DELAY`
+//! (50 ms) later — losing it to a power cut means a duplicate, never a loss. Only
 //! `lease_due` (memory) and the rare repair writes (moving a record with missing body chunks to
 //! Held) are not flushed before they return.
 //!

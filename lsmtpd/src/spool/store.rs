@@ -20,7 +20,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use sled::{Transactional, Tree};
 use tokio::sync::Notify;
 
-use super::flusher::{fsync_dir, GroupCommit, PreparedAccept};
+use super::flusher::{fsync_dir, tx_remove, GroupCommit, PreparedAccept};
 use super::key::{chunk_key, decode_due_key, decode_meta_key, due_key, due_upper_bound, meta_key};
 use super::record::{self, HoldReason, Record, State};
 use super::state::{admin_transition, AdminVerb, Outcome};
@@ -157,23 +157,6 @@ fn tx_rewrite(
     Ok(())
 }
 
-/// Removes a decodable record, its due entry and its body inside a transaction.
-fn tx_remove(
-    m: &TransactionalTree,
-    d: &TransactionalTree,
-    b: &TransactionalTree,
-    rec: &Record,
-) -> TxResult<()> {
-    m.remove(&meta_key(rec.id)[..])?;
-    if let Some(due) = rec.state.due_ms() {
-        d.remove(&due_key(due, rec.id)[..])?;
-    }
-    for i in 0..rec.body_chunks {
-        b.remove(&chunk_key(rec.id, i)[..])?;
-    }
-    Ok(())
-}
-
 /// Reads and decodes a record inside a transaction.
 fn tx_get(m: &TransactionalTree, id: MessageId) -> TxResult<Record> {
     match m.get(meta_key(id))? {
@@ -230,6 +213,7 @@ impl Spool {
         );
         let mem = Arc::new(Mutex::new(mem));
         let counted = Arc::clone(&mem);
+        let uncounted = Arc::clone(&mem);
         let flusher = GroupCommit::start(
             db.clone(),
             dir,
@@ -238,6 +222,15 @@ impl Spool {
                 let mut mem = counted.lock().unwrap_or_else(|e| e.into_inner());
                 for msg in written {
                     mem.add(&msg.state, msg.body.len() as u64);
+                }
+            }),
+            Box::new(move |ids, removed| {
+                let mut mem = uncounted.lock().unwrap_or_else(|e| e.into_inner());
+                for r in removed {
+                    mem.sub(&r.state, r.size);
+                }
+                for &id in ids {
+                    mem.unclaim(id);
                 }
             }),
         )?;
@@ -519,8 +512,10 @@ impl Spool {
         Ok(None)
     }
 
-    /// The broker confirmed these messages: removes them (record, due entry, body) in one
-    /// transaction and drops their leases. Unknown ids are skipped (already removed).
+    /// The broker confirmed these messages: removes them (record, due entry, body) and drops
+    /// their leases. Unknown ids are skipped (already removed). The removal is written on the
+    /// group-commit thread, in the next group's transaction (`flusher.rs`), so the caller's
+    /// thread never waits for sled's transaction lock.
     ///
     /// # Durability
     /// On `Ok` the removal is committed, and it becomes durable with the next group commit (at
@@ -528,50 +523,36 @@ impl Spool {
     /// for an fdatasync of its own. A removal lost to a power cut before that only means the
     /// message is forwarded again (a duplicate, never a loss). On `Err` the leases are dropped
     /// anyway and the messages may be forwarded again.
+    ///
+    /// # Cancel safety
+    /// Dropping the future after the call leaves the removal to happen (and the leases to be
+    /// dropped) with the next group.
     pub async fn complete(&self, ids: &[MessageId]) -> Result<(), SpoolError> {
         if ids.is_empty() {
             return Ok(());
         }
-        if let Err(e) = self.check_writable() {
+        let unclaim = || {
             let mut mem = self.mem();
             for &id in ids {
                 mem.unclaim(id);
             }
+        };
+        if let Err(e) = self.check_writable() {
+            unclaim();
             return Err(e);
         }
-        let i = &self.inner;
-        let result = (&i.meta, &i.due, &i.body).transaction(|(m, d, b)| {
-            let mut changes = Vec::with_capacity(ids.len());
-            for &id in ids {
-                let Some(raw) = m.get(meta_key(id))? else {
-                    continue;
-                };
-                let Ok(rec) = record::decode(id, &raw) else {
-                    continue; // never leased; never dropped here
-                };
-                tx_remove(m, d, b, &rec)?;
-                changes.push(Change {
-                    old: rec.state,
-                    new: None,
-                    size: rec.size,
-                });
+        match self.inner.flusher.remove(ids.to_vec()).await {
+            Ok(Ok(count)) => {
+                tracing::debug!(count, "messages_completed");
+                Ok(())
             }
-            Ok(changes)
-        });
-        {
-            let mut mem = self.mem();
-            for &id in ids {
-                mem.unclaim(id);
+            Ok(Err(failure)) => Err(self.storage_error(failure.into())),
+            Err(e) => {
+                // The flusher stopped or did not get to it in time; it may still remove them.
+                unclaim();
+                Err(self.storage_error(e))
             }
         }
-        let changes = result.map_err(|e| self.storage_error(tx_error(e)))?;
-        for change in &changes {
-            self.apply(change);
-        }
-        self.check_writable()?;
-        self.inner.flusher.request();
-        tracing::debug!(count = changes.len(), "messages_completed");
-        Ok(())
     }
 
     /// A failed attempt: `Deferred{due_ms}`, `attempts += count_attempt`, `last_error = error`;

@@ -11,6 +11,7 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::config::SpoolConfig;
+use flusher::LAZY_DELAY;
 
 fn cfg(dir: &Path) -> SpoolConfig {
     SpoolConfig {
@@ -480,6 +481,32 @@ async fn a_removal_is_made_durable_without_anyone_waiting_for_it() {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     assert_eq!(spool.get(m.id).unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_steady_stream_of_removals_does_not_postpone_their_flush() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&cfg(tmp.path())).unwrap();
+    let m = message(body_of(10));
+    spool.accept(m.clone()).await.unwrap();
+    spool.lease_due(now_ms(), 1).unwrap();
+    let before = spool.durable_flushes();
+    spool.complete(&[m.id]).await.unwrap();
+    // More removals keep arriving (ids already gone still go through the flusher), far longer
+    // than LAZY_DELAY: the first removal must be flushed within LAZY_DELAY all the same, not
+    // wait for a quiet moment.
+    let stream = LAZY_DELAY * 6;
+    let start = std::time::Instant::now();
+    while start.elapsed() < stream {
+        spool.complete(&[MessageId::new_v7()]).await.unwrap();
+    }
+    assert!(
+        spool.durable_flushes() > before,
+        "no durable flush during {stream:?} of removals"
+    );
+    assert_eq!(spool.get(m.id).unwrap(), None);
+    assert_eq!(spool.stats().queued, 0);
+    assert_eq!(spool.stats().inflight, 0);
 }
 
 #[tokio::test]
