@@ -81,8 +81,8 @@ pub(crate) const MAX_GROUP_MESSAGES: usize = 64;
 /// this is reached, at least one), for the same reason as [`MAX_GROUP_MESSAGES`].
 pub(crate) const MAX_GROUP_REMOVALS: usize = 256;
 
-/// Longest a change that nobody waits for ([`GroupCommit::request`]) stays without an fdatasync
-/// when no other writer comes along to share a group commit with.
+/// Longest a change that nobody waits to be durable (a removal, [`GroupCommit::remove`]) stays
+/// without an fdatasync when no other writer comes along to share a group commit with.
 pub(crate) const LAZY_DELAY: std::time::Duration = std::time::Duration::from_millis(50);
 
 type Waiter = oneshot::Sender<Result<(), FlushFailure>>;
@@ -425,8 +425,8 @@ fn commit_group(
     accepts: Vec<(PreparedAccept, AcceptWaiter)>,
 ) -> bool {
     let started = std::time::Instant::now();
-    let written = match write_group(trees, &accepts, &[]) {
-        Ok((written, _, _)) => written,
+    let written = match write_accepts(trees, &accepts) {
+        Ok(written) => written,
         Err(failure) => {
             // sled refused the write (e.g. ENOSPC). It keeps refusing until the database is
             // reopened and its flush may now hang for ever, so the group is answered at once
@@ -488,8 +488,8 @@ fn remove_batches(
         .iter()
         .flat_map(|(batch, _)| batch.iter().copied())
         .collect();
-    match write_group(trees, &[], &removals) {
-        Ok((_, removed, counts)) => {
+    match write_removals(trees, &removals) {
+        Ok((removed, counts)) => {
             (callbacks.on_removed)(&ids, &removed);
             for ((_, waiter), count) in removals.into_iter().zip(counts) {
                 let _ = waiter.send(Ok(count));
@@ -506,74 +506,84 @@ fn remove_batches(
     }
 }
 
-/// What a group's transaction did: for each accept whether it was written (`false`: the id was
-/// already spooled), what the removals took out, and how many records each removal batch removed.
-type GroupWritten = (Vec<bool>, Vec<Removed>, Vec<usize>);
-
-/// Writes every message of a group and removes every record of its removal batches, all in one
-/// transaction over `meta`, `due` and `body`. A message whose id is already spooled is left
-/// alone; an id without a record (already removed) or with an unreadable one (never leased, so
-/// never removed here) is skipped. On `Err` nothing of the group was written.
-fn write_group(
+/// Writes every message of a group in one transaction over `meta`, `due` and `body`. A message
+/// whose id is already spooled is left alone (`false`); the others are written (`true`). On
+/// `Err` none was written.
+fn write_accepts(
     trees: &[Tree; 3],
     accepts: &[(PreparedAccept, AcceptWaiter)],
-    removals: &[(Vec<MessageId>, RemovalWaiter)],
-) -> Result<GroupWritten, FlushFailure> {
-    if accepts.is_empty() && removals.is_empty() {
-        return Ok((Vec::new(), Vec::new(), Vec::new()));
+) -> Result<Vec<bool>, FlushFailure> {
+    if accepts.is_empty() {
+        return Ok(Vec::new());
     }
     let [meta, due, body] = trees;
-    let result = (meta, due, body).transaction(|(m, d, b)| {
-        let mut written = Vec::with_capacity(accepts.len());
-        for (msg, _) in accepts {
-            let key = meta_key(msg.id);
-            if m.get(key)?.is_some() {
-                written.push(false);
-                continue;
-            }
-            m.insert(&key[..], msg.meta.as_slice())?;
-            d.insert(&msg.due_key[..], &[][..])?;
-            for (n, chunk) in (0u32..).zip(msg.body.chunks(CHUNK_BYTES)) {
-                b.insert(&chunk_key(msg.id, n)[..], chunk)?;
-            }
-            written.push(true);
-        }
-        let mut removed = Vec::new();
-        let mut counts = Vec::with_capacity(removals.len());
-        for (ids, _) in removals {
-            let before = removed.len();
-            for &id in ids {
-                let Some(raw) = m.get(meta_key(id))? else {
+    (meta, due, body)
+        .transaction(|(m, d, b)| {
+            let mut written = Vec::with_capacity(accepts.len());
+            for (msg, _) in accepts {
+                let key = meta_key(msg.id);
+                if m.get(key)?.is_some() {
+                    written.push(false);
                     continue;
-                };
-                let Ok(rec) = record::decode(id, &raw) else {
-                    continue;
-                };
-                tx_remove(m, d, b, &rec)?;
-                removed.push(Removed {
-                    state: rec.state,
-                    size: rec.size,
-                });
+                }
+                m.insert(&key[..], msg.meta.as_slice())?;
+                d.insert(&msg.due_key[..], &[][..])?;
+                for (n, chunk) in (0u32..).zip(msg.body.chunks(CHUNK_BYTES)) {
+                    b.insert(&chunk_key(msg.id, n)[..], chunk)?;
+                }
+                written.push(true);
             }
-            counts.push(removed.len() - before);
+            Ok(written)
+        })
+        .map_err(|e| write_failed(e, "messages", accepts.len()))
+}
+
+/// Removes every record of the removal batches in one transaction over `meta`, `due` and
+/// `body`: an id without a record (already removed) or with an unreadable one (never leased, so
+/// never removed here) is skipped. Returns what the removals took out, and how many records each
+/// batch removed. On `Err` nothing was removed.
+fn write_removals(
+    trees: &[Tree; 3],
+    removals: &[(Vec<MessageId>, RemovalWaiter)],
+) -> Result<(Vec<Removed>, Vec<usize>), FlushFailure> {
+    let [meta, due, body] = trees;
+    (meta, due, body)
+        .transaction(|(m, d, b)| {
+            let mut removed = Vec::new();
+            let mut counts = Vec::with_capacity(removals.len());
+            for (ids, _) in removals {
+                let before = removed.len();
+                for &id in ids {
+                    let Some(raw) = m.get(meta_key(id))? else {
+                        continue;
+                    };
+                    let Ok(rec) = record::decode(id, &raw) else {
+                        continue;
+                    };
+                    tx_remove(m, d, b, &rec)?;
+                    removed.push(Removed {
+                        state: rec.state,
+                        size: rec.size,
+                    });
+                }
+                counts.push(removed.len() - before);
+            }
+            Ok((removed, counts))
+        })
+        .map_err(|e| write_failed(e, "removal_batches", removals.len()))
+}
+
+/// Logs a failed group transaction (`count` of `what`) and turns it into the failure its callers
+/// get.
+fn write_failed(e: TransactionError<()>, what: &str, count: usize) -> FlushFailure {
+    let failure = match e {
+        TransactionError::Storage(e) => FlushFailure::Sled(e),
+        TransactionError::Abort(()) => {
+            FlushFailure::Io(std::io::ErrorKind::Other, "transaction aborted".into())
         }
-        Ok::<_, ConflictableTransactionError<()>>((written, removed, counts))
-    });
-    result.map_err(|e| {
-        let failure = match e {
-            TransactionError::Storage(e) => FlushFailure::Sled(e),
-            TransactionError::Abort(()) => {
-                FlushFailure::Io(std::io::ErrorKind::Other, "transaction aborted".into())
-            }
-        };
-        tracing::error!(
-            error = ?failure,
-            messages = accepts.len(),
-            removal_batches = removals.len(),
-            "spool_write_failed"
-        );
-        failure
-    })
+    };
+    tracing::error!(error = ?failure, what, count, "spool_write_failed");
+    failure
 }
 
 /// Removes a decodable record, its due entry and its body inside a transaction.

@@ -514,8 +514,8 @@ impl Spool {
 
     /// The broker confirmed these messages: removes them (record, due entry, body) and drops
     /// their leases. Unknown ids are skipped (already removed). The removal is written on the
-    /// group-commit thread, in the next group's transaction (`flusher.rs`), so the caller's
-    /// thread never waits for sled's transaction lock.
+    /// group-commit thread, in one transaction right after the next group's flush
+    /// (`flusher.rs`), so the caller's thread never waits for sled's transaction lock.
     ///
     /// # Durability
     /// On `Ok` the removal is committed, and it becomes durable with the next group commit (at
