@@ -462,15 +462,22 @@ async fn an_id_accepted_twice_is_a_conflict_and_the_first_body_stays() {
     assert_eq!(spool.stats().bytes, 100 + 20 * 300);
 }
 
-#[tokio::test]
-async fn a_removal_is_made_durable_without_anyone_waiting_for_it() {
-    let tmp = tempfile::tempdir().unwrap();
-    let spool = Spool::open(&cfg(tmp.path())).unwrap();
+/// Spools, leases and completes one message; returns its id and the number of durable flushes
+/// before the completion.
+async fn complete_one(spool: &Spool) -> (MessageId, u64) {
     let m = message(body_of(10));
     spool.accept(m.clone()).await.unwrap();
     spool.lease_due(now_ms(), 1).unwrap();
     let before = spool.durable_flushes();
     spool.complete(&[m.id]).await.unwrap();
+    (m.id, before)
+}
+
+#[tokio::test]
+async fn a_removal_is_made_durable_without_anyone_waiting_for_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&cfg(tmp.path())).unwrap();
+    let (id, before) = complete_one(&spool).await;
     // No accept follows: the flusher runs a group commit of its own for the removal.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while spool.durable_flushes() == before {
@@ -480,18 +487,14 @@ async fn a_removal_is_made_durable_without_anyone_waiting_for_it() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
-    assert_eq!(spool.get(m.id).unwrap(), None);
+    assert_eq!(spool.get(id).unwrap(), None);
 }
 
 #[tokio::test]
 async fn a_steady_stream_of_removals_does_not_postpone_their_flush() {
     let tmp = tempfile::tempdir().unwrap();
     let spool = Spool::open(&cfg(tmp.path())).unwrap();
-    let m = message(body_of(10));
-    spool.accept(m.clone()).await.unwrap();
-    spool.lease_due(now_ms(), 1).unwrap();
-    let before = spool.durable_flushes();
-    spool.complete(&[m.id]).await.unwrap();
+    let (id, before) = complete_one(&spool).await;
     // More removals keep arriving (ids already gone still go through the flusher), far longer
     // than LAZY_DELAY: the first removal must be flushed within LAZY_DELAY all the same, not
     // wait for a quiet moment.
@@ -504,7 +507,7 @@ async fn a_steady_stream_of_removals_does_not_postpone_their_flush() {
         spool.durable_flushes() > before,
         "no durable flush during {stream:?} of removals"
     );
-    assert_eq!(spool.get(m.id).unwrap(), None);
+    assert_eq!(spool.get(id).unwrap(), None);
     assert_eq!(spool.stats().queued, 0);
     assert_eq!(spool.stats().inflight, 0);
 }
