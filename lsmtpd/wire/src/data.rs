@@ -19,7 +19,8 @@
 
 /// What to do with a bare CR or LF inside DATA (RFC 5321 2.3.8 forbids them); also the
 /// `smtp.bare_newline` setting.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum BareNewline {
     /// Refuse the message (reply 550 5.6.0) once the terminator arrives, like Postfix's
     /// `smtpd_forbid_bare_newline = reject`. The default: it makes SMTP smuggling impossible.

@@ -7,7 +7,7 @@
 //! - Control characters (including NUL, TAB, bare CR and bare LF) anywhere in the line are a
 //!   syntax error; so is invalid UTF-8. UTF-8 is allowed only where RFC 6531 allows it
 //!   (addresses, parameter values, free text); whether SMTPUTF8 was requested is the session's
-//!   business ([`crate::smtp::wire::Address::is_ascii`]).
+//!   business ([`crate::Address::is_ascii`]).
 //! - Verbs and parameter keywords are case-insensitive; trailing spaces are ignored.
 //! - Only the MAIL and RCPT parameters listed here are accepted; anything else is
 //!   [`ParseError::UnknownParameter`] (555 5.5.4), so the session never silently ignores an
@@ -15,8 +15,8 @@
 //!   is checked by the session.
 //! - Every [`ParseError`] maps to exactly one reply through [`ParseError::reply`].
 
-use crate::smtp::wire::address::{self, Address, AddressError};
-use crate::smtp::wire::reply::Reply;
+use crate::address::{self, Address, AddressError};
+use crate::reply::Reply;
 
 /// One parsed SMTP command.
 #[derive(Debug, Clone, PartialEq, Eq)]
