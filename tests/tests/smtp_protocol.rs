@@ -348,7 +348,11 @@ fn silent_client_gets_421_after_the_command_timeout() {
 #[test]
 fn connections_over_the_per_ip_limit_get_421() {
     let dir = tempfile::tempdir().unwrap();
-    let d = start(dir.path(), "max_connections_per_ip: 2,");
+    // Loopback is trusted (exempt from per-IP limits) unless trusted_networks says otherwise.
+    let d = start(
+        dir.path(),
+        "max_connections_per_ip: 2, limits: (trusted_networks: []),",
+    );
     block_on(async {
         let (_a, ga) = RawClient::connect(d.addr).await.unwrap();
         let (mut b, gb) = RawClient::connect(d.addr).await.unwrap();
