@@ -68,6 +68,7 @@ fn main() -> ExitCode {
         .ok()
         .filter(|v| !v.is_empty())
         .unwrap_or_else(|| config.log.level.clone());
+    let filter = quiet_lapin(&filter);
     let filter = match tracing_subscriber::EnvFilter::try_new(&filter) {
         Ok(f) => f,
         Err(e) => {
@@ -154,6 +155,18 @@ async fn run(config: Config) -> anyhow::Result<()> {
     notify::stopping();
     token.cancel();
     daemon.join(grace).await
+}
+
+/// `level` plus `lapin::channel=off`, unless it names lapin itself: lapin logs every channel the
+/// broker closes at ERROR, and a passive check of a missing exchange closes one at each
+/// reconnect. The forwarder reports each such close itself, with the broker's text, and says a
+/// standing topology problem once (then every 5 minutes) instead of at every retry.
+fn quiet_lapin(level: &str) -> String {
+    if level.contains("lapin") {
+        level.to_owned()
+    } else {
+        format!("{level},lapin::channel=off")
+    }
 }
 
 /// stderr that never fails: a daemon must keep serving mail when its log reader goes away

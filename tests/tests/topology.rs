@@ -313,7 +313,9 @@ fn a_missing_exchange_is_a_topology_error_until_it_exists_also_when_deleted_late
     assert!(err.contains("amqp.topology.exchange_type"), "a hint: {err}");
     assert_eq!(s["broker"]["connected_node"], Value::Null);
     assert_eq!(spooled(dir.path()), vec![("queued".to_owned(), 0); 3]);
-    // Reported once, not on every retry; never as an outage.
+    // Reported once, not on every retry (nor lapin's line for each channel the broker closed);
+    // never as an outage.
+    assert_eq!(error_lines(&d, ""), 1, "{}", d.log_text());
     assert_eq!(
         error_lines(&d, "broker_topology_error"),
         1,
