@@ -1,7 +1,10 @@
-//! Everything that touches lapin: connecting (TCP or rustls), declaring the topology, publishing
-//! one copy of a message, and turning lapin's errors and returns into our terms.
+//! Everything that touches lapin: connecting (TCP or rustls), checking and declaring the
+//! topology ([`apply_step`]), [`AmqpPublisher`] (the [`Publisher`] for a real broker: publishing
+//! one copy of a message, its confirms, the barrier), and turning lapin's errors and returns into
+//! our terms ([`classify`]).
 //!
-//! Does I/O; holds no forwarding state (that is `forward::mod`'s job).
+//! Does I/O; makes no forwarding decision (that is `forward::core`'s job). What exists on the
+//! broker is only ever checked with passive declarations, never redeclared.
 //!
 //! lapin 4 notes that shape this module:
 //! - `ShortString::from` panics above 255 bytes, so every name goes through `try_new`.

@@ -119,6 +119,8 @@ pub struct Core {
     probe_remaining: usize,
     rng: u64,
     counters: Counters,
+    /// Nacks settled since the last positive confirm (or since the connection was set up).
+    nacks_since_ack: u64,
 }
 
 impl Core {
@@ -132,6 +134,7 @@ impl Core {
             probe_remaining: 0,
             rng: seed | 1,
             counters: Counters::default(),
+            nacks_since_ack: 0,
         }
     }
 
@@ -146,6 +149,17 @@ impl Core {
 
     pub fn counters(&self) -> Counters {
         self.counters
+    }
+
+    /// Nacks in a row, with no positive confirm in between, on this connection: a broker that
+    /// nacks everything (e.g. a quorum queue without a leader) shows here before attempts run out.
+    pub fn nacks_since_ack(&self) -> u64 {
+        self.nacks_since_ack
+    }
+
+    /// A connection was set up (topology checked, confirm channel open).
+    pub fn on_connected(&mut self) {
+        self.nacks_since_ack = 0;
     }
 
     /// Messages outstanding (leased, published or being published, not settled).
@@ -255,12 +269,14 @@ impl Core {
                     }
                     None => {
                         self.counters.confirmed += 1;
+                        self.nacks_since_ack = 0;
                         out.any_ack = true;
                         None
                     }
                 },
                 Confirm::Nack => {
                     self.counters.nacked += 1;
+                    self.nacks_since_ack += 1;
                     self.returned.remove(&copy);
                     Some("nacked by broker".to_owned())
                 }

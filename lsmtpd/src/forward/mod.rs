@@ -376,6 +376,7 @@ impl<P: Publisher> Shell<P> {
     /// A connection is set up (topology checked): a standing topology problem is over.
     fn on_connected(&mut self, node: &str) {
         info!(%node, "broker_connected");
+        self.core.on_connected();
         self.shared.set_node(Some(node));
         let was = set(&self.shared.topology_error, None);
         if self.topology.clear() || was.is_some() {

@@ -206,6 +206,22 @@ fn a_nack_defers_with_one_attempt_counted() {
 }
 
 #[test]
+fn nacks_in_a_row_are_counted_until_an_ack_or_a_new_connection() {
+    let mut c = core();
+    for n in 1..=4 {
+        start(&mut c, n, 1);
+    }
+    c.settle(vec![nack(1, 0), nack(2, 0)], None, NOW_MS);
+    assert_eq!(c.nacks_since_ack(), 2);
+    c.settle(vec![ack(3, 0)], None, NOW_MS);
+    assert_eq!(c.nacks_since_ack(), 0);
+    c.settle(vec![nack(4, 0)], None, NOW_MS);
+    assert_eq!(c.nacks_since_ack(), 1);
+    c.on_connected();
+    assert_eq!(c.nacks_since_ack(), 0);
+}
+
+#[test]
 fn a_foreign_return_is_ignored() {
     let mut c = core();
     start(&mut c, 1, 1);
