@@ -102,6 +102,11 @@ pub fn classify(err: &lapin::Error, phase: Phase) -> Failure {
     }
 }
 
+/// The broker closed a channel (not the connection).
+fn is_channel_error(err: &lapin::Error) -> bool {
+    matches!(err.kind(), ErrorKind::ProtocolError(amqp) if matches!(amqp.kind(), AMQPErrorKind::Soft(_)))
+}
+
 /// What an [`AmqpError`] means for the forwarder (see [`classify`]).
 fn classify_amqp(err: &AmqpError, phase: Phase) -> Failure {
     match err {
@@ -683,11 +688,11 @@ impl Publisher for AmqpPublisher {
                 ev = next_event => match ev {
                     Some(Event::ConnectionBlocked(reason)) => return BrokerEvent::Blocked(reason),
                     Some(Event::ConnectionUnblocked) => return BrokerEvent::Unblocked,
-                    Some(Event::Error(e)) => match classify(&e, Phase::Publish) {
-                        // A channel error reaches us through the confirms, with its message.
-                        Failure::ChannelClosed { .. } => {}
-                        f => return BrokerEvent::Lost(f),
-                    },
+                    // A channel error reaches us through the confirms of that channel (or it was
+                    // one of the setup's passive checks, already answered): only the
+                    // connection's own errors end the session here.
+                    Some(Event::Error(e)) if is_channel_error(&e) => {}
+                    Some(Event::Error(e)) => return BrokerEvent::Lost(classify(&e, Phase::Publish)),
                     Some(_) => {}
                     None => {
                         self.events = None;
