@@ -210,11 +210,19 @@ pub fn status_text(s: &StatusReport) -> String {
     let conn = match &b.connected_node {
         Some(n) if b.blocked => format!("connected to {n}, BLOCKED by the broker (resource alarm)"),
         Some(n) => format!("connected to {n}"),
+        None if b.topology_error.is_some() => {
+            format!("NOT PUBLISHING (nodes: {})", b.nodes.join(", "))
+        }
         None => format!("DISCONNECTED (nodes: {})", b.nodes.join(", ")),
     };
     line("Broker", conn);
-    if let Some(e) = &b.last_error {
-        line("", format!("last error: {}", clip(e, 200)));
+    if let Some(e) = &b.topology_error {
+        line("", format!("topology error: {}", clip(e, 300)));
+    }
+    match (&b.last_error, &b.topology_error) {
+        (Some(e), Some(t)) if e == t => {}
+        (Some(e), _) => line("", format!("last error: {}", clip(e, 200))),
+        (None, _) => {}
     }
     let sp = &s.spool;
     line(
@@ -257,10 +265,15 @@ pub fn status_text(s: &StatusReport) -> String {
             c.published, c.confirmed, c.nacked, c.returned
         ),
     );
+    let topology = if c.topology_errors > 0 {
+        format!(" ({} topology errors)", c.topology_errors)
+    } else {
+        String::new()
+    };
     line(
         "",
         format!(
-            "{} failed attempts, {} refused (held), {} connection failures",
+            "{} failed attempts, {} refused (held), {} connection failures{topology}",
             c.failed_attempts, c.refused, c.connection_failures
         ),
     );

@@ -107,9 +107,8 @@ fn queue_table_unwrapped_when_piped() {
     check("queue_list_piped.txt", &text);
 }
 
-#[test]
-fn status_text() {
-    let s = StatusReport {
+fn status_report() -> StatusReport {
+    StatusReport {
         version: "0.1.0".into(),
         now_ms: NOW,
         started_at_ms: NOW - 93_780_000,
@@ -120,6 +119,7 @@ fn status_text() {
             connected_node: Some("rabbit1:5672".into()),
             blocked: false,
             last_error: Some("rabbit2:5672: connection refused".into()),
+            topology_error: None,
         },
         spool: SpoolReport {
             queued: 12,
@@ -151,8 +151,24 @@ fn status_text() {
             confirmed: 129,
             failed_attempts: 0,
         },
-    };
-    check("status.txt", &render::status_text(&s));
+    }
+}
+
+#[test]
+fn status_text() {
+    check("status.txt", &render::status_text(&status_report()));
+}
+
+#[test]
+fn status_text_with_a_topology_error() {
+    let mut s = status_report();
+    let text = "rabbit1:5672: NOT_FOUND - no exchange 'events' in vhost '/'; create exchange \"events\", or set amqp.topology.exchange_type for lsmtpd to declare it";
+    s.broker.connected_node = None;
+    s.broker.topology_error = Some(text.into());
+    s.broker.last_error = Some(text.into());
+    s.counters.topology_errors = 14;
+    s.counters.connection_failures = 15;
+    check("status_topology_error.txt", &render::status_text(&s));
 }
 
 #[test]

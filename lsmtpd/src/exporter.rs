@@ -146,6 +146,8 @@ struct Series {
     spool_oldest_age: Gauge,
     broker_connected: Gauge,
     broker_blocked: Gauge,
+    broker_topology_error: Gauge,
+    topology_errors: Counter,
 }
 
 impl Series {
@@ -257,6 +259,15 @@ impl Series {
                 None,
                 "1 while the broker blocks publishing (resource alarm)",
             ),
+            broker_topology_error: gauge(
+                "lsmtpd_broker_topology_error",
+                None,
+                "1 while a topology problem (credentials, vhost, permission, exchange, queue) stops publishing",
+            ),
+            topology_errors: counter(
+                "lsmtpd_broker_topology_errors_total",
+                "Broker connections or channels ended by a topology problem",
+            ),
         }
     }
 
@@ -302,6 +313,9 @@ impl Series {
             .set(f64::from(u8::from(s.broker.connected_node.is_some())));
         self.broker_blocked
             .set(f64::from(u8::from(s.broker.blocked)));
+        self.broker_topology_error
+            .set(f64::from(u8::from(s.broker.topology_error.is_some())));
+        self.topology_errors.absolute(c.topology_errors);
     }
 }
 
@@ -326,6 +340,7 @@ mod tests {
                 connected_node: None,
                 blocked: false,
                 last_error: None,
+                topology_error: None,
             },
             spool: Default::default(),
             counters: Default::default(),
@@ -339,6 +354,8 @@ mod tests {
         s.spool.bytes = 512;
         s.spool.oldest_received_ms = Some(7_500);
         s.broker.connected_node = Some("127.0.0.1:5672".into());
+        s.broker.topology_error = Some("NOT_FOUND - no exchange 'mail' in vhost '/'".into());
+        s.counters.topology_errors = 7;
         series.update(&s);
         let eod = histogram(&recorder, END_OF_DATA, "test");
         eod.observe_since(std::time::Instant::now());
@@ -356,6 +373,8 @@ mod tests {
             "lsmtpd_spool_oldest_age_seconds 2.5",
             "lsmtpd_broker_connected 1",
             "lsmtpd_broker_blocked 0",
+            "lsmtpd_broker_topology_error 1",
+            "lsmtpd_broker_topology_errors_total 7",
             "lsmtpd_end_of_data_seconds_count 1",
             "lsmtpd_end_of_data_seconds_bucket{le=\"+Inf\"} 1",
             "# TYPE lsmtpd_end_of_data_seconds histogram",

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use lsmtpd::config::{Config, Problem, EXIT_CONFIG};
+use lsmtpd::forward::probe;
 use lsmtpd::Daemon;
 use tokio_util::sync::CancellationToken;
 
@@ -28,6 +29,12 @@ struct Args {
     /// Check the configuration (file and environment) and exit: 0 if valid, 78 if not.
     #[arg(long, conflicts_with = "print_config")]
     check_config: bool,
+    /// With --check-config: also connect to every broker node and check, without side effects,
+    /// credentials, vhost, exchange, queue and publish permission; one line per check, exit 69
+    /// (EX_UNAVAILABLE) if any is a problem. Whether a routing key reaches a queue through a
+    /// named exchange cannot be checked (see the README).
+    #[arg(long, requires = "check_config")]
+    probe_broker: bool,
     /// Print the effective configuration (defaults + file + environment) as RON and exit.
     /// Note: it includes the AMQP password.
     #[arg(long)]
@@ -51,6 +58,9 @@ fn main() -> ExitCode {
     }
     if args.check_config {
         eprintln!("lsmtpd: configuration is valid");
+        if args.probe_broker {
+            return probe_broker(&config);
+        }
         return ExitCode::SUCCESS;
     }
 
@@ -58,6 +68,7 @@ fn main() -> ExitCode {
         .ok()
         .filter(|v| !v.is_empty())
         .unwrap_or_else(|| config.log.level.clone());
+    let filter = quiet_lapin(&filter);
     let filter = match tracing_subscriber::EnvFilter::try_new(&filter) {
         Ok(f) => f,
         Err(e) => {
@@ -89,6 +100,25 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `--probe-broker`: one line per check on stdout; 0, or 69 if any line is a problem.
+fn probe_broker(config: &Config) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("lsmtpd: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let lines = runtime.block_on(probe::probe(&config.amqp));
+    for line in &lines {
+        println!("{line}");
+    }
+    ExitCode::from(probe::exit_code(&lines))
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
@@ -125,6 +155,18 @@ async fn run(config: Config) -> anyhow::Result<()> {
     notify::stopping();
     token.cancel();
     daemon.join(grace).await
+}
+
+/// `level` plus `lapin::channel=off`, unless it names lapin itself: lapin logs every channel the
+/// broker closes at ERROR, and a passive check of a missing exchange closes one at each
+/// reconnect. The forwarder reports each such close itself, with the broker's text, and says a
+/// standing topology problem once (then every 5 minutes) instead of at every retry.
+fn quiet_lapin(level: &str) -> String {
+    if level.contains("lapin") {
+        level.to_owned()
+    } else {
+        format!("{level},lapin::channel=off")
+    }
 }
 
 /// stderr that never fails: a daemon must keep serving mail when its log reader goes away

@@ -289,6 +289,11 @@ pub struct BrokerReport {
     /// The broker blocked publishing (resource alarm).
     pub blocked: bool,
     pub last_error: Option<String>,
+    /// A topology problem that stops publishing (wrong password, no access to the vhost, no
+    /// permission, missing exchange or queue, a clashing declaration), with the broker's text;
+    /// `None` once a connection was set up again. Absent from older daemons.
+    #[serde(default)]
+    pub topology_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -318,6 +323,9 @@ pub struct Counters {
     /// (`header_too_large`).
     pub refused: u64,
     pub connection_failures: u64,
+    /// Connections or channels ended by a topology problem (also in `connection_failures`).
+    #[serde(default)]
+    pub topology_errors: u64,
     /// SMTP AUTH successes (235); absent from daemons without AUTH.
     #[serde(default)]
     pub auth_succeeded: u64,

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 pub const BROKER: &str = "127.0.0.1:5672";
 
 /// Runs `rabbitmqctl args`, panicking (with its stderr) unless it succeeds; returns its stdout.
-fn rabbitmqctl(args: &[&str]) -> Vec<u8> {
+pub fn rabbitmqctl(args: &[&str]) -> Vec<u8> {
     let out = Command::new("rabbitmqctl")
         .args(args)
         .output()
@@ -113,6 +113,61 @@ impl Vhost {
         let ch = conn.create_channel().await.unwrap();
         (conn, ch)
     }
+}
+
+/// A broker user of its own (`lsmtpd-test-user-…`), with no permissions; deleted on drop.
+pub struct User {
+    pub name: String,
+}
+
+impl User {
+    pub fn new(password: &str) -> User {
+        let name = format!("lsmtpd-test-user-{}", uuid::Uuid::now_v7().simple());
+        rabbitmqctl(&["add_user", &name, password]);
+        User { name }
+    }
+
+    /// `rabbitmqctl set_permissions`: configure, write and read patterns on `vhost`.
+    pub fn permit(&self, vhost: &Vhost, configure: &str, write: &str, read: &str) {
+        rabbitmqctl(&[
+            "set_permissions",
+            "-p",
+            &vhost.name,
+            &self.name,
+            configure,
+            write,
+            read,
+        ]);
+    }
+}
+
+impl Drop for User {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["delete_user", &self.name])
+            .output();
+    }
+}
+
+/// `rabbitmqctl -q list_<what> -p VHOST columns...` as sorted lines: what a test compares
+/// before and after to see that nothing was declared.
+pub fn listing(vhost: &Vhost, what: &str, columns: &[&str]) -> Vec<String> {
+    let mut args = vec![
+        "-q".to_owned(),
+        format!("list_{what}"),
+        "-p".to_owned(),
+        vhost.name.clone(),
+    ];
+    args.extend(columns.iter().map(|c| (*c).to_owned()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = rabbitmqctl(&args);
+    let mut lines: Vec<String> = String::from_utf8_lossy(&out)
+        .lines()
+        .map(str::to_owned)
+        .filter(|l| !l.is_empty())
+        .collect();
+    lines.sort();
+    lines
 }
 
 impl Drop for Vhost {

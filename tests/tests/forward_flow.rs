@@ -85,7 +85,11 @@ async fn raw_payload_is_the_exact_bytes_with_envelope_headers() {
     let vhost = Vhost::new();
     let mut cfg = vhost.config(BROKER);
     cfg.payload = PayloadFormat::Raw;
-    cfg.exchange = "mail".into(); // declared by the forwarder, bound to queue "lsmtpd"
+    // Declared by the forwarder, bound to queue "lsmtpd": both named explicitly, as a named
+    // exchange gets no queue and no binding otherwise.
+    cfg.exchange = "mail".into();
+    cfg.topology.exchange_type = Some("direct".into());
+    cfg.topology.queue = Some("lsmtpd".into());
     let spool = spool();
     let m = message(5, &["a@test.example", "b@test.example"]);
     let body = m.body.clone();
@@ -193,6 +197,8 @@ async fn declared_quorum_queue_receives_messages_on_an_empty_vhost() {
     let mut cfg = vhost.config(BROKER);
     cfg.topology.queue_type = lsmtpd::config::amqp::QueueType::Quorum;
     cfg.exchange = "mail".into();
+    cfg.topology.exchange_type = Some("direct".into());
+    cfg.topology.queue = Some("lsmtpd".into());
     let spool = spool();
     spool.accept(message(1, &["a@test.example"])).await.unwrap();
     let token = CancellationToken::new();

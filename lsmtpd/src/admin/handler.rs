@@ -137,6 +137,7 @@ pub fn status(ctx: &Context, now: u64) -> StatusReport {
             connected_node: broker.connected_node,
             blocked: broker.blocked,
             last_error: broker.last_error,
+            topology_error: broker.topology_error,
         },
         spool: SpoolReport {
             queued: stats.queued,
@@ -158,6 +159,7 @@ pub fn status(ctx: &Context, now: u64) -> StatusReport {
             failed_attempts: broker.failed_attempts,
             refused: broker.refused,
             connection_failures: broker.connection_failures,
+            topology_errors: broker.topology_errors,
             auth_succeeded: load(&m.auth_succeeded),
             auth_failed: load(&m.auth_failed),
             rate_limited_connections: load(&m.rate_limited_connections),

@@ -11,7 +11,7 @@
 //!     exchange: "",                   // "" = the default exchange
 //!     routing_key: "lsmtpd",
 //!     payload: json,                  // json | raw
-//!     topology: (declare: true, queue: None, queue_type: classic, exchange_type: "direct"),
+//!     topology: (declare: true, queue: None, queue_type: classic, exchange_type: None),
 //!     max_in_flight: 256,             // unconfirmed publishes at once
 //!     heartbeat: "10s", connect_timeout: "10s", confirm_timeout: "60s",
 //!     frame_max: 32768,               // bytes; the broker may lower it
@@ -50,18 +50,28 @@ pub enum QueueType {
     Quorum,
 }
 
-/// What the forwarder declares at each connect.
+/// What the forwarder checks and declares at each connect. The broker's topology belongs to its
+/// operator: what exists is checked passively and used as it is, never redeclared, so its type
+/// and arguments cannot clash with ours; only what is missing is declared, and only as allowed
+/// here. See [`TopologyPlan`] for the exact steps.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TopologyConfig {
-    /// Declare a durable queue (and the exchange + binding if `amqp.exchange` is not ""), so the
-    /// quick start works on an empty broker. `false` = use what the operator declared.
+    /// May lsmtpd create what is missing? `true`: the queue (with the default exchange, the queue
+    /// named after `amqp.routing_key`; with a named exchange only `queue`, if set) and, when
+    /// `exchange_type` is set, `amqp.exchange`. `false`: check passively, create nothing.
     pub declare: bool,
-    /// Queue name; `None` = the same as `amqp.routing_key` (which the default exchange needs).
+    /// With a named exchange: a queue to declare (when missing) and bind with
+    /// `amqp.routing_key`. `None` = no queue, no binding (the operator's topology routes).
+    /// With the default exchange: the queue name, which must equal `amqp.routing_key`.
     pub queue: Option<String>,
+    /// Type of a queue lsmtpd declares; an existing queue is used whatever its type.
     pub queue_type: QueueType,
-    /// Type of `amqp.exchange` when declared: direct, topic, fanout or headers.
-    pub exchange_type: String,
+    /// Type (direct, topic, fanout or headers) to declare `amqp.exchange` with when it is
+    /// missing. `None` (default): a missing exchange is a topology error. An existing exchange
+    /// is used whatever its type. Older files' plain `"direct"` still parses, as `Some`.
+    #[serde(deserialize_with = "optional_string")]
+    pub exchange_type: Option<String>,
 }
 
 impl Default for TopologyConfig {
@@ -70,10 +80,67 @@ impl Default for TopologyConfig {
             declare: true,
             queue: None,
             queue_type: QueueType::Classic,
-            exchange_type: "direct".to_owned(),
+            exchange_type: None,
         }
     }
 }
+
+/// Accepts `None`, `Some("x")` and, from configuration files written before the setting became
+/// optional, a plain `"x"`.
+fn optional_string<'de, D>(d: D) -> Result<Option<String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    struct V;
+    impl<'de> serde::de::Visitor<'de> for V {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("None, Some(\"type\") or \"type\"")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Some(v.to_owned()))
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D2: serde::Deserializer<'de>>(self, d: D2) -> Result<Self::Value, D2::Error> {
+            String::deserialize(d).map(Some)
+        }
+    }
+    d.deserialize_any(V)
+}
+
+/// One step of setting up the topology on a fresh channel, in order. Pure data, made by
+/// [`AmqpConfig::topology_plan`]; `forward::amqp` carries it out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TopologyStep {
+    /// Passive `exchange.declare`: the exchange must exist. When it does not and `declare_as` is
+    /// set, it is declared (durable) with that type; otherwise that is a topology error.
+    Exchange {
+        name: String,
+        declare_as: Option<String>,
+    },
+    /// Passive `queue.declare`: the queue must exist. When it does not and `declare` is set, it
+    /// is declared (durable, with `queue_type`); otherwise that is a topology error.
+    Queue {
+        name: String,
+        declare: bool,
+        queue_type: QueueType,
+    },
+    /// `queue.bind` of `queue` to `exchange` with `routing_key` (idempotent; only for a queue the
+    /// configuration names explicitly).
+    Bind {
+        queue: String,
+        exchange: String,
+        routing_key: String,
+    },
+}
+
+/// What the forwarder checks and declares at each connect, in order.
+pub type TopologyPlan = Vec<TopologyStep>;
 
 /// Exponential backoff with jitter between `initial` and `max`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -236,9 +303,62 @@ pub fn split_node(node: &str) -> Option<(String, u16)> {
 }
 
 impl AmqpConfig {
-    /// The queue the topology declares: `topology.queue` or else `routing_key`.
+    /// The queue the default exchange routes to: `topology.queue` or else `routing_key`.
     pub fn queue_name(&self) -> &str {
         self.topology.queue.as_deref().unwrap_or(&self.routing_key)
+    }
+
+    /// The steps of [`TopologyStep`] for this configuration. Pure.
+    ///
+    /// - Default exchange (`exchange: ""`): the queue named after `routing_key` (its messages'
+    ///   only destination) is checked, and declared when missing if `topology.declare`.
+    /// - Named exchange: the exchange is checked, and declared when missing only if
+    ///   `topology.declare` and `topology.exchange_type` is set. No queue and no binding, unless
+    ///   `topology.queue` names one: then that queue is checked (declared when missing if
+    ///   `topology.declare`) and, if `topology.declare`, bound with `routing_key`.
+    /// - Every other named exchange in `routes` is checked (never declared).
+    pub fn topology_plan(&self) -> TopologyPlan {
+        let t = &self.topology;
+        let mut plan = Vec::new();
+        if self.exchange.is_empty() {
+            plan.push(TopologyStep::Queue {
+                name: self.queue_name().to_owned(),
+                declare: t.declare,
+                queue_type: t.queue_type,
+            });
+        } else {
+            plan.push(TopologyStep::Exchange {
+                name: self.exchange.clone(),
+                declare_as: t.exchange_type.clone().filter(|_| t.declare),
+            });
+            if let Some(queue) = &t.queue {
+                plan.push(TopologyStep::Queue {
+                    name: queue.clone(),
+                    declare: t.declare,
+                    queue_type: t.queue_type,
+                });
+                if t.declare {
+                    plan.push(TopologyStep::Bind {
+                        queue: queue.clone(),
+                        exchange: self.exchange.clone(),
+                        routing_key: self.routing_key.clone(),
+                    });
+                }
+            }
+        }
+        for route in &self.routes {
+            let known = route.exchange.is_empty()
+                || plan.iter().any(
+                    |s| matches!(s, TopologyStep::Exchange { name, .. } if *name == route.exchange),
+                );
+            if !known {
+                plan.push(TopologyStep::Exchange {
+                    name: route.exchange.clone(),
+                    declare_as: None,
+                });
+            }
+        }
+        plan
     }
 
     /// Pushes one problem per broken rule, naming the setting as `amqp.<field>`.
@@ -273,11 +393,11 @@ impl AmqpConfig {
                 ));
             }
         }
-        if self.exchange.starts_with("amq.") && self.topology.declare {
+        if self.exchange.starts_with("amq.") && self.topology.exchange_type.is_some() {
             p.push(Problem::new(
-                "amqp.exchange",
+                "amqp.topology.exchange_type",
                 format!(
-                    "{:?} is reserved by the broker; set amqp.topology.declare: false to use it",
+                    "{:?} is reserved by the broker and cannot be declared; leave exchange_type None",
                     self.exchange
                 ),
             ));
@@ -289,7 +409,7 @@ impl AmqpConfig {
                     format!("must be 1-{SHORTSTR_MAX} bytes"),
                 ));
             }
-            if self.topology.declare && self.exchange.is_empty() && queue != &self.routing_key {
+            if self.exchange.is_empty() && queue != &self.routing_key {
                 p.push(Problem::new(
                     "amqp.topology.queue",
                     format!(
@@ -298,23 +418,19 @@ impl AmqpConfig {
                     ),
                 ));
             }
-        } else if self.topology.declare && self.routing_key.is_empty() {
+        } else if self.exchange.is_empty() && self.routing_key.is_empty() {
             p.push(Problem::new(
                 "amqp.routing_key",
-                "must not be empty when amqp.topology.declare names the queue after it",
+                "must not be empty with the default exchange (amqp.exchange \"\"), which routes by queue name",
             ));
         }
-        if !matches!(
-            self.topology.exchange_type.as_str(),
-            "direct" | "topic" | "fanout" | "headers"
-        ) {
-            p.push(Problem::new(
-                "amqp.topology.exchange_type",
-                format!(
-                    "{:?} is not direct, topic, fanout or headers",
-                    self.topology.exchange_type
-                ),
-            ));
+        if let Some(kind) = &self.topology.exchange_type {
+            if !matches!(kind.as_str(), "direct" | "topic" | "fanout" | "headers") {
+                p.push(Problem::new(
+                    "amqp.topology.exchange_type",
+                    format!("{kind:?} is not direct, topic, fanout or headers"),
+                ));
+            }
         }
         if self.max_in_flight == 0 || self.max_in_flight > 65_535 {
             p.push(Problem::new("amqp.max_in_flight", "must be 1-65535"));
@@ -459,7 +575,7 @@ mod tests {
             },
             topology: TopologyConfig {
                 queue: Some("other".into()),
-                exchange_type: "weird".into(),
+                exchange_type: Some("weird".into()),
                 ..TopologyConfig::default()
             },
             routes: vec![RouteRule::default()],
@@ -513,6 +629,176 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn exchange_type_parses_old_plain_strings_and_options() {
+        for (text, want) in [
+            ("(topology: (exchange_type: \"direct\"))", Some("direct")),
+            (
+                "(topology: (exchange_type: Some(\"topic\")))",
+                Some("topic"),
+            ),
+            ("(topology: (exchange_type: None))", None),
+            ("(topology: ())", None),
+        ] {
+            let cfg: AmqpConfig = ron::from_str(text).expect(text);
+            assert_eq!(cfg.topology.exchange_type.as_deref(), want, "{text}");
+        }
+        let cfg = AmqpConfig {
+            topology: TopologyConfig {
+                exchange_type: Some("fanout".into()),
+                ..TopologyConfig::default()
+            },
+            ..AmqpConfig::default()
+        };
+        let text = ron::to_string(&cfg).expect("serializes");
+        assert_eq!(
+            ron::from_str::<AmqpConfig>(&text).expect("parses back"),
+            cfg
+        );
+    }
+
+    fn named(exchange: &str, topology: TopologyConfig) -> AmqpConfig {
+        AmqpConfig {
+            exchange: exchange.into(),
+            routing_key: "mail.in".into(),
+            topology,
+            ..AmqpConfig::default()
+        }
+    }
+
+    #[test]
+    fn a_named_exchange_gets_a_passive_check_only_no_queue_no_binding() {
+        // The original LSMTPD's env file: AMQP_EXCHANGE + AMQP_ROUTING_KEY, nothing else.
+        let cfg = named("events", TopologyConfig::default());
+        assert_eq!(
+            cfg.topology_plan(),
+            [TopologyStep::Exchange {
+                name: "events".into(),
+                declare_as: None
+            }]
+        );
+        // An old file's exchange_type without declare: still only a check.
+        let cfg = named(
+            "events",
+            TopologyConfig {
+                declare: false,
+                exchange_type: Some("direct".into()),
+                ..TopologyConfig::default()
+            },
+        );
+        assert_eq!(
+            cfg.topology_plan(),
+            [TopologyStep::Exchange {
+                name: "events".into(),
+                declare_as: None
+            }]
+        );
+    }
+
+    #[test]
+    fn a_named_queue_is_declared_if_missing_and_bound_when_declare_is_on() {
+        let cfg = named(
+            "events",
+            TopologyConfig {
+                queue: Some("inbox".into()),
+                queue_type: QueueType::Quorum,
+                exchange_type: Some("topic".into()),
+                ..TopologyConfig::default()
+            },
+        );
+        assert_eq!(
+            cfg.topology_plan(),
+            [
+                TopologyStep::Exchange {
+                    name: "events".into(),
+                    declare_as: Some("topic".into())
+                },
+                TopologyStep::Queue {
+                    name: "inbox".into(),
+                    declare: true,
+                    queue_type: QueueType::Quorum
+                },
+                TopologyStep::Bind {
+                    queue: "inbox".into(),
+                    exchange: "events".into(),
+                    routing_key: "mail.in".into()
+                },
+            ]
+        );
+        let mut off = cfg.clone();
+        off.topology.declare = false;
+        assert_eq!(
+            off.topology_plan(),
+            [
+                TopologyStep::Exchange {
+                    name: "events".into(),
+                    declare_as: None
+                },
+                TopologyStep::Queue {
+                    name: "inbox".into(),
+                    declare: false,
+                    queue_type: QueueType::Quorum
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn the_default_exchange_checks_its_queue_and_routes_check_their_exchanges() {
+        let cfg = AmqpConfig {
+            routes: vec![
+                RouteRule {
+                    recipients: vec!["a.test".into()],
+                    exchange: "ops".into(),
+                    routing_key: "x".into(),
+                },
+                RouteRule {
+                    recipients: vec!["b.test".into()],
+                    exchange: "ops".into(),
+                    routing_key: "y".into(),
+                },
+                RouteRule {
+                    recipients: vec!["c.test".into()],
+                    exchange: "".into(),
+                    routing_key: "z".into(),
+                },
+            ],
+            ..AmqpConfig::default()
+        };
+        assert_eq!(
+            cfg.topology_plan(),
+            [
+                TopologyStep::Queue {
+                    name: "lsmtpd".into(),
+                    declare: true,
+                    queue_type: QueueType::Classic
+                },
+                TopologyStep::Exchange {
+                    name: "ops".into(),
+                    declare_as: None
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn reserved_exchanges_may_be_used_but_not_declared() {
+        let cfg = named("amq.topic", TopologyConfig::default());
+        assert_eq!(problems(&cfg), Vec::<String>::new());
+        let cfg = named(
+            "amq.topic",
+            TopologyConfig {
+                exchange_type: Some("topic".into()),
+                ..TopologyConfig::default()
+            },
+        );
+        let p = problems(&cfg);
+        assert!(
+            p.len() == 1 && p[0].starts_with("amqp.topology.exchange_type"),
+            "{p:#?}"
+        );
     }
 
     #[test]

@@ -1,7 +1,10 @@
-//! Everything that touches lapin: connecting (TCP or rustls), declaring the topology, publishing
-//! one copy of a message, and turning lapin's errors and returns into our terms.
+//! Everything that touches lapin: connecting (TCP or rustls), checking and declaring the
+//! topology ([`apply_step`]), [`AmqpPublisher`] (the [`Publisher`] for a real broker: publishing
+//! one copy of a message, its confirms, the barrier), and turning lapin's errors and returns into
+//! our terms ([`classify`]).
 //!
-//! Does I/O; holds no forwarding state (that is `forward::mod`'s job).
+//! Does I/O; makes no forwarding decision (that is `forward::core`'s job). What exists on the
+//! broker is only ever checked with passive declarations, never redeclared.
 //!
 //! lapin 4 notes that shape this module:
 //! - `ShortString::from` panics above 255 bytes, so every name goes through `try_new`.
@@ -21,10 +24,15 @@
 //!   [`check_header_frame`] sizes that frame with amq-protocol's own serializer (the one lapin's
 //!   I/O loop writes with) before anything of the message is published.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use amq_protocol::frame::{gen_frame, AMQPContentHeader, AMQPFrame, WriteContext};
 use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, Stream};
+use futures_util::{FutureExt as _, StreamExt as _};
 use lapin::options::{
     BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
     QueueBindOptions, QueueDeclareOptions,
@@ -33,11 +41,17 @@ use lapin::protocol::AMQPErrorKind;
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ErrorKind, ExchangeKind};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ErrorKind, Event,
+    ExchangeKind,
+};
 
-use super::payload::HeaderValue;
+use super::payload::{self, HeaderValue};
+use super::publisher::{
+    code, BrokerEvent, Confirm, CopyId, Failure, Phase, Publisher, Returned, Settled, Unpublishable,
+};
 use super::route::Target;
-use crate::config::amqp::{split_node, AmqpConfig, QueueType};
+use crate::config::amqp::{split_node, AmqpConfig, QueueType, TopologyPlan, TopologyStep};
 use crate::spool::{MessageId, Record};
 
 /// Header naming which of a message's targets a publish is (0-based), to attribute returns.
@@ -77,52 +91,27 @@ pub enum AmqpError {
     Lapin(#[from] lapin::Error),
 }
 
-/// What a lapin error means for the forwarder.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Failure {
-    /// The broker closed the channel with a soft error (e.g. 406 PRECONDITION_FAILED for an
-    /// oversized message, 404 NOT_FOUND for a missing exchange). The connection may still be up.
-    ChannelClosed { code: u16, text: String },
-    /// The connection is gone or unusable (I/O, heartbeat, hard error, closed state).
-    Connection(String),
-}
-
-impl Failure {
-    /// Text for `last_error` and logs.
-    pub fn describe(&self) -> String {
-        match self {
-            Failure::ChannelClosed { code, text } => {
-                format!("channel closed by broker: {code} {text}")
-            }
-            Failure::Connection(text) => format!("broker connection lost: {text}"),
-        }
-    }
-
-    /// True when the broker refused the message itself (size over `max_message_size`), so
-    /// retrying cannot help: hold it as `Refused`.
-    pub fn is_refusal(&self) -> bool {
-        match self {
-            Failure::ChannelClosed { code, text } => {
-                *code == 406 && text.contains("larger than configured max size")
-            }
-            Failure::Connection(_) => false,
-        }
-    }
-}
-
-/// Sorts a lapin error into channel-level or connection-level.
-pub fn classify(err: &lapin::Error) -> Failure {
+/// What a lapin error means for the forwarder, for an error during `phase`.
+pub fn classify(err: &lapin::Error, phase: Phase) -> Failure {
     match err.kind() {
-        ErrorKind::ProtocolError(amqp) => match amqp.kind() {
-            AMQPErrorKind::Soft(_) => Failure::ChannelClosed {
-                code: amqp.get_id(),
-                text: amqp.get_message().to_string(),
-            },
-            AMQPErrorKind::Hard(_) => {
-                Failure::Connection(format!("{} {}", amqp.get_id(), amqp.get_message()))
-            }
-        },
+        ErrorKind::ProtocolError(amqp) => {
+            let hard = matches!(amqp.kind(), AMQPErrorKind::Hard(_));
+            Failure::from_broker(amqp.get_id(), amqp.get_message().as_str(), hard, phase)
+        }
         _ => Failure::Connection(err.to_string()),
+    }
+}
+
+/// The broker closed a channel (not the connection).
+fn is_channel_error(err: &lapin::Error) -> bool {
+    matches!(err.kind(), ErrorKind::ProtocolError(amqp) if matches!(amqp.kind(), AMQPErrorKind::Soft(_)))
+}
+
+/// What an [`AmqpError`] means for the forwarder (see [`classify`]).
+fn classify_amqp(err: &AmqpError, phase: Phase) -> Failure {
+    match err {
+        AmqpError::Lapin(e) => classify(e, phase),
+        other => Failure::Connection(other.to_string()),
     }
 }
 
@@ -193,61 +182,214 @@ pub async fn connect(cfg: &AmqpConfig, node: &str) -> Result<Connection, AmqpErr
     }
 }
 
-/// Opens a channel in confirm mode and declares the topology if `amqp.topology.declare`.
-pub async fn open_channel(conn: &Connection, cfg: &AmqpConfig) -> Result<Channel, AmqpError> {
-    let channel = conn.create_channel().await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    if cfg.topology.declare {
-        let mut args = FieldTable::default();
-        if cfg.topology.queue_type == QueueType::Quorum {
-            args.insert(
-                short("x-queue-type", "header")?,
-                AMQPValue::LongString("quorum".into()),
-            );
-        }
-        let queue = short(cfg.queue_name(), "amqp.topology.queue")?;
-        channel
-            .queue_declare(
-                queue.clone(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..QueueDeclareOptions::default()
-                },
-                args,
-            )
-            .await?;
-        if !cfg.exchange.is_empty() {
-            let exchange = short(&cfg.exchange, "amqp.exchange")?;
-            let kind = match cfg.topology.exchange_type.as_str() {
-                "topic" => ExchangeKind::Topic,
-                "fanout" => ExchangeKind::Fanout,
-                "headers" => ExchangeKind::Headers,
-                _ => ExchangeKind::Direct,
+/// The lapin exchange type for a configured `amqp.topology.exchange_type` (validated).
+fn exchange_kind(kind: &str) -> ExchangeKind {
+    match kind {
+        "topic" => ExchangeKind::Topic,
+        "fanout" => ExchangeKind::Fanout,
+        "headers" => ExchangeKind::Headers,
+        _ => ExchangeKind::Direct,
+    }
+}
+
+/// What one [`TopologyStep`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepOutcome {
+    /// It exists and is used as it is. For a queue: its message and consumer counts.
+    Exists { counts: Option<(u32, u32)> },
+    /// It was missing and lsmtpd declared it (or, checking only, would).
+    Declared,
+    /// The binding was made (`queue.bind` is idempotent), or, checking only, would be.
+    Bound,
+}
+
+/// Whether missing things are declared or only reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepMode {
+    /// At connect: declare what the plan allows.
+    Apply,
+    /// `--probe-broker`: passive checks only; what would be declared is reported as `Declared`.
+    CheckOnly,
+}
+
+/// Closes a channel we opened for one step (bounded; a failure to close is no news).
+async fn close_quietly(channel: &Channel) {
+    if channel.status().connected() {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            channel.close(200, "lsmtpd: done".into()),
+        )
+        .await;
+    }
+}
+
+/// Runs `op` on a fresh channel of `conn`, closing the channel afterwards. A passive declare
+/// of something missing makes the broker close the channel, so each check gets its own.
+async fn on_fresh_channel<T, F, Fut>(conn: &Connection, op: F) -> Result<T, Failure>
+where
+    F: FnOnce(Channel) -> Fut,
+    Fut: Future<Output = Result<T, lapin::Error>>,
+{
+    let channel = conn
+        .create_channel()
+        .await
+        .map_err(|e| classify(&e, Phase::Setup))?;
+    let result = op(channel.clone()).await;
+    close_quietly(&channel).await;
+    result.map_err(|e| classify(&e, Phase::Setup))
+}
+
+fn is_not_found(f: &Failure) -> bool {
+    matches!(f, Failure::Topology { code, .. } if *code == code::NOT_FOUND)
+}
+
+/// Carries out (or, with [`StepMode::CheckOnly`], checks) one step of the topology plan on
+/// `conn`. What exists is only ever checked passively, never redeclared, so its type and
+/// arguments (`x-queue-type`, ...) cannot clash with ours.
+pub async fn apply_step(
+    conn: &Connection,
+    step: &TopologyStep,
+    mode: StepMode,
+) -> Result<StepOutcome, Failure> {
+    match step {
+        TopologyStep::Exchange { name, declare_as } => {
+            let what = format!("exchange {name:?}");
+            let exchange = short(name, "amqp.exchange").map_err(|e| Failure::Topology {
+                code: code::NOT_FOUND,
+                text: format!("{what}: {e}"),
+            })?;
+            let passive = ExchangeDeclareOptions {
+                passive: true,
+                ..ExchangeDeclareOptions::default()
             };
-            channel
-                .exchange_declare(
-                    exchange.clone(),
-                    kind,
-                    ExchangeDeclareOptions {
+            let ex = exchange.clone();
+            let found = on_fresh_channel(conn, |ch| async move {
+                ch.exchange_declare(ex, ExchangeKind::Direct, passive, FieldTable::default())
+                    .await
+            })
+            .await;
+            match (found, declare_as) {
+                (Ok(()), _) => Ok(StepOutcome::Exists { counts: None }),
+                (Err(f), Some(kind)) if is_not_found(&f) => {
+                    if mode == StepMode::CheckOnly {
+                        return Ok(StepOutcome::Declared);
+                    }
+                    let durable = ExchangeDeclareOptions {
                         durable: true,
                         ..ExchangeDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await?;
-            channel
-                .queue_bind(
-                    queue,
-                    exchange,
-                    short(&cfg.routing_key, "amqp.routing_key")?,
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
+                    };
+                    let kind = exchange_kind(kind);
+                    on_fresh_channel(conn, |ch| async move {
+                        ch.exchange_declare(exchange, kind, durable, FieldTable::default())
+                            .await
+                    })
+                    .await
+                    .map_err(|f| f.context(&format!("declaring {what}")))?;
+                    Ok(StepOutcome::Declared)
+                }
+                (Err(f), None) if is_not_found(&f) => Err(f.hint(&format!(
+                    "create {what}, or set amqp.topology.exchange_type for lsmtpd to declare it"
+                ))),
+                (Err(f), _) => Err(f.context(&format!("checking {what}"))),
+            }
+        }
+        TopologyStep::Queue {
+            name,
+            declare,
+            queue_type,
+        } => {
+            let what = format!("queue {name:?}");
+            let queue = short(name, "amqp.topology.queue").map_err(|e| Failure::Topology {
+                code: code::NOT_FOUND,
+                text: format!("{what}: {e}"),
+            })?;
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            };
+            let q = queue.clone();
+            let found = on_fresh_channel(conn, |ch| async move {
+                ch.queue_declare(q, passive, FieldTable::default()).await
+            })
+            .await;
+            match found {
+                Ok(q) => Ok(StepOutcome::Exists {
+                    counts: Some((q.message_count(), q.consumer_count())),
+                }),
+                Err(f) if is_not_found(&f) && *declare => {
+                    if mode == StepMode::CheckOnly {
+                        return Ok(StepOutcome::Declared);
+                    }
+                    let mut args = FieldTable::default();
+                    if *queue_type == QueueType::Quorum {
+                        args.insert(
+                            "x-queue-type".into(),
+                            AMQPValue::LongString("quorum".into()),
+                        );
+                    }
+                    let durable = QueueDeclareOptions {
+                        durable: true,
+                        ..QueueDeclareOptions::default()
+                    };
+                    on_fresh_channel(conn, |ch| async move {
+                        ch.queue_declare(queue, durable, args).await
+                    })
+                    .await
+                    .map_err(|f| f.context(&format!("declaring {what}")))?;
+                    Ok(StepOutcome::Declared)
+                }
+                Err(f) if is_not_found(&f) => Err(f.hint(&format!(
+                    "create {what}, or set amqp.topology.declare: true for lsmtpd to declare it"
+                ))),
+                Err(f) => Err(f.context(&format!("checking {what}"))),
+            }
+        }
+        TopologyStep::Bind {
+            queue,
+            exchange,
+            routing_key,
+        } => {
+            if mode == StepMode::CheckOnly {
+                return Ok(StepOutcome::Bound);
+            }
+            let what = format!("binding queue {queue:?} to exchange {exchange:?}");
+            let too_long = |e: AmqpError| Failure::Topology {
+                code: code::NOT_FOUND,
+                text: format!("{what}: {e}"),
+            };
+            let q = short(queue, "amqp.topology.queue").map_err(too_long)?;
+            let x = short(exchange, "amqp.exchange").map_err(too_long)?;
+            let k = short(routing_key, "amqp.routing_key").map_err(too_long)?;
+            on_fresh_channel(conn, |ch| async move {
+                ch.queue_bind(q, x, k, QueueBindOptions::default(), FieldTable::default())
+                    .await
+            })
+            .await
+            .map_err(|f| f.context(&what))?;
+            Ok(StepOutcome::Bound)
         }
     }
+}
+
+/// Checks and declares the topology as planned, then opens the publishing channel in
+/// confirm mode.
+pub async fn setup(conn: &Connection, plan: &TopologyPlan) -> Result<Channel, Failure> {
+    for step in plan {
+        apply_step(conn, step, StepMode::Apply).await?;
+    }
+    confirm_channel(conn).await
+}
+
+/// A new channel in confirm mode.
+async fn confirm_channel(conn: &Connection) -> Result<Channel, Failure> {
+    let channel = conn
+        .create_channel()
+        .await
+        .map_err(|e| classify(&e, Phase::Setup))?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| classify(&e, Phase::Setup))?;
     Ok(channel)
 }
 
@@ -337,27 +479,247 @@ pub fn check_header_frame(props: &BasicProperties, frame_max: u32) -> Result<usi
     Ok(bytes)
 }
 
-/// Publishes one copy (mandatory, persistent) with `props` from [`properties`], which
-/// [`check_header_frame`] has passed. Resolves when the frames are handed to lapin's writer;
-/// the returned future resolves with the broker's confirm.
-pub async fn publish(
-    channel: &Channel,
-    target: &Target,
+/// A checked publish: properties and names as AMQP short strings.
+pub struct Prepared {
     props: BasicProperties,
-    body: &Bytes,
-) -> Result<lapin::PublisherConfirm, AmqpError> {
-    Ok(channel
-        .basic_publish(
-            short(&target.exchange, "exchange")?,
-            short(&target.routing_key, "routing_key")?,
+    exchange: ShortString,
+    routing_key: ShortString,
+}
+
+type ConfirmFuture = Pin<Box<dyn Future<Output = (CopyId, lapin::Result<Confirmation>)> + Send>>;
+type Events = Pin<Box<dyn Stream<Item = Event> + Send>>;
+
+/// The [`Publisher`] for a real broker, through lapin.
+pub struct AmqpPublisher {
+    cfg: Arc<AmqpConfig>,
+    plan: TopologyPlan,
+    content_type: &'static str,
+    conn: Option<Connection>,
+    channel: Option<Channel>,
+    events: Option<Events>,
+    confirms: FuturesUnordered<ConfirmFuture>,
+}
+
+impl AmqpPublisher {
+    pub fn new(cfg: Arc<AmqpConfig>) -> AmqpPublisher {
+        AmqpPublisher {
+            plan: cfg.topology_plan(),
+            content_type: payload::content_type(cfg.payload),
+            cfg,
+            conn: None,
+            channel: None,
+            events: None,
+            confirms: FuturesUnordered::new(),
+        }
+    }
+}
+
+fn returned(ret: &lapin::message::BasicReturnMessage) -> Returned {
+    Returned {
+        copy: identify_return(ret),
+        text: describe_return(ret),
+    }
+}
+
+fn settled((copy, result): (CopyId, lapin::Result<Confirmation>)) -> Settled {
+    let (confirm, ret) = match result {
+        Ok(Confirmation::Ack(ret)) => (Confirm::Ack, ret),
+        Ok(Confirmation::Nack(ret)) => (Confirm::Nack, ret),
+        Ok(Confirmation::NotRequested) => (Confirm::NotRequested, None),
+        Err(e) => (Confirm::Failed(classify(&e, Phase::Publish)), None),
+    };
+    Settled {
+        copy,
+        confirm,
+        returned: ret.as_ref().map(returned),
+    }
+}
+
+impl Publisher for AmqpPublisher {
+    type Prepared = Prepared;
+
+    async fn connect(&mut self, node: &str) -> Result<(), Failure> {
+        self.disconnect().await;
+        let conn = connect(&self.cfg, node)
+            .await
+            .map_err(|e| classify_amqp(&e, Phase::Setup))?;
+        let events: Events = Box::pin(conn.events_listener());
+        match setup(&conn, &self.plan).await {
+            Ok(channel) => {
+                self.channel = Some(channel);
+                self.events = Some(events);
+                self.conn = Some(conn);
+                Ok(())
+            }
+            Err(f) => {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    conn.close(200, "lsmtpd: setup failed".into()),
+                )
+                .await;
+                Err(f)
+            }
+        }
+    }
+
+    async fn disconnect(&mut self) {
+        self.confirms = FuturesUnordered::new();
+        self.events = None;
+        // The channel first: closing the connection under an open channel makes lapin log a
+        // spurious "Connection error" at error level on every clean shutdown.
+        if let Some(channel) = self.channel.take() {
+            close_quietly(&channel).await;
+        }
+        if let Some(conn) = self.conn.take() {
+            if conn.status().connected() {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    conn.close(200, "lsmtpd forwarder stopping".into()),
+                )
+                .await;
+            }
+        }
+    }
+
+    async fn reopen_channel(&mut self) -> Result<(), Failure> {
+        self.confirms = FuturesUnordered::new();
+        let conn = self
+            .conn
+            .as_ref()
+            .ok_or_else(|| Failure::Connection("not connected".to_owned()))?;
+        let channel = confirm_channel(conn)
+            .await
+            .map_err(|f| f.context("cannot reopen channel"))?;
+        self.channel = Some(channel);
+        Ok(())
+    }
+
+    fn connected(&self) -> bool {
+        self.conn.as_ref().is_some_and(|c| c.status().connected())
+    }
+
+    fn blocked(&self) -> bool {
+        self.conn.as_ref().is_some_and(|c| c.status().blocked())
+    }
+
+    fn prepare(
+        &self,
+        record: &Record,
+        index: usize,
+        target: &Target,
+    ) -> Result<Prepared, Unpublishable> {
+        let refused = |e: AmqpError| Unpublishable::Refused(e.to_string());
+        let headers = payload::envelope_headers(record, &target.recipients);
+        let props = properties(record, index, self.content_type, &headers).map_err(refused)?;
+        let frame_max = self
+            .conn
+            .as_ref()
+            .map_or(self.cfg.frame_max, |c| c.configuration().frame_max());
+        check_header_frame(&props, frame_max).map_err(|e| match e {
+            AmqpError::HeaderTooLarge { .. } => Unpublishable::HeaderTooLarge(e.to_string()),
+            other => Unpublishable::Refused(other.to_string()),
+        })?;
+        Ok(Prepared {
+            props,
+            exchange: short(&target.exchange, "exchange").map_err(refused)?,
+            routing_key: short(&target.routing_key, "routing_key").map_err(refused)?,
+        })
+    }
+
+    async fn publish(
+        &mut self,
+        copy: CopyId,
+        _target: &Target,
+        prepared: Prepared,
+        body: Bytes,
+    ) -> Result<(), Failure> {
+        let (Some(conn), Some(channel)) = (&self.conn, &self.channel) else {
+            return Err(Failure::Connection("not connected".to_owned()));
+        };
+        let publish = channel.basic_publish(
+            prepared.exchange,
+            prepared.routing_key,
             BasicPublishOptions {
                 mandatory: true,
                 ..BasicPublishOptions::default()
             },
-            body,
-            props,
-        )
-        .await?)
+            &body,
+            prepared.props,
+        );
+        tokio::pin!(publish);
+        // Frames wait in lapin while the broker blocks us; only a stall while unblocked is
+        // treated as a dead connection.
+        let result = loop {
+            tokio::select! {
+                r = &mut publish => break r,
+                _ = tokio::time::sleep(self.cfg.confirm_timeout) => {
+                    if !conn.status().blocked() {
+                        return Err(Failure::Connection("publish stalled".to_owned()));
+                    }
+                }
+            }
+        };
+        match result {
+            Ok(confirm) => {
+                self.confirms
+                    .push(Box::pin(async move { (copy, confirm.await) }));
+                Ok(())
+            }
+            Err(e) => Err(classify(&e, Phase::Publish)),
+        }
+    }
+
+    fn unsettled(&self) -> usize {
+        self.confirms.len()
+    }
+
+    async fn next_event(&mut self) -> BrokerEvent {
+        loop {
+            let has_confirms = !self.confirms.is_empty();
+            let events = &mut self.events;
+            let next_event = async {
+                match events {
+                    Some(e) => e.next().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                Some(out) = self.confirms.next(), if has_confirms => return BrokerEvent::Settled(settled(out)),
+                ev = next_event => match ev {
+                    Some(Event::ConnectionBlocked(reason)) => return BrokerEvent::Blocked(reason),
+                    Some(Event::ConnectionUnblocked) => return BrokerEvent::Unblocked,
+                    // A channel error reaches us through the confirms of that channel (or it was
+                    // one of the setup's passive checks, already answered): only the
+                    // connection's own errors end the session here.
+                    Some(Event::Error(e)) if is_channel_error(&e) => {}
+                    Some(Event::Error(e)) => return BrokerEvent::Lost(classify(&e, Phase::Publish)),
+                    Some(_) => {}
+                    None => {
+                        self.events = None;
+                        return BrokerEvent::Lost(Failure::Connection(
+                            "connection events ended".to_owned(),
+                        ));
+                    }
+                },
+            }
+        }
+    }
+
+    fn ready_settled(&mut self) -> Option<Settled> {
+        match self.confirms.next().now_or_never() {
+            Some(Some(out)) => Some(settled(out)),
+            _ => None,
+        }
+    }
+
+    async fn barrier(&mut self) -> Result<(), Failure> {
+        match &self.channel {
+            Some(channel) => barrier(channel)
+                .await
+                .map_err(|e| classify(&e, Phase::Publish)),
+            None => Err(Failure::Connection("not connected".to_owned())),
+        }
+    }
 }
 
 /// Which publish a returned message was: our id and target index, from its properties.
@@ -507,21 +869,5 @@ mod tests {
         );
         // and the old default, 16384, did not hold them
         assert!(check_header_frame(&props, 16_384).is_err());
-    }
-
-    #[test]
-    fn size_refusal_is_recognised() {
-        let f = Failure::ChannelClosed {
-            code: 406,
-            text: "PRECONDITION_FAILED - message size 200 is larger than configured max size 100"
-                .into(),
-        };
-        assert!(f.is_refusal());
-        let f = Failure::ChannelClosed {
-            code: 404,
-            text: "NOT_FOUND - no exchange 'x' in vhost '/'".into(),
-        };
-        assert!(!f.is_refusal());
-        assert!(!Failure::Connection("reset".into()).is_refusal());
     }
 }

@@ -1,5 +1,14 @@
 //! The forwarder: leases due messages from the spool, publishes them to RabbitMQ with publisher
-//! confirms, and reports back to the spool. The only code that talks AMQP (through [`amqp`]).
+//! confirms, and reports back to the spool.
+//!
+//! # Layout: a pure core, a thin shell, a seam to the broker
+//! - [`core`] decides (pure: no broker, no spool, no clock): settling confirms, matching
+//!   returns, retry/hold, finding a poison message, outages and topology problems.
+//! - This module is the shell: the task's loop. It leases from the spool, hands copies to the
+//!   [`Publisher`], feeds what happens to the core and applies the core's [`Decision`]s to the
+//!   spool — every spool call of the forwarder is here, in [`Shell::apply`] and the lease.
+//! - [`publisher::Publisher`] is the seam: [`amqp::AmqpPublisher`] (lapin) for the broker,
+//!   [`memory::MemoryPublisher`] for tests. Only [`amqp`] touches lapin.
 //!
 //! # Invariants
 //!
@@ -10,9 +19,19 @@
 //!   (`spool.unlease`, no attempt counted) and reconnects with exponential backoff + jitter
 //!   (`amqp.reconnect`), trying `amqp.nodes` in turn. Only nacks, returns and refusals count
 //!   attempts; after `retry.max_attempts` / `retry.max_age` a message is held, never deleted.
+//! - **A topology problem is not an outage, and not a message's fault.** Wrong credentials, no
+//!   access to the vhost, no permission on the exchange, a missing exchange or queue, a
+//!   declaration that clashes with what exists — at connect, at channel setup or at publish
+//!   time (a publish to a deleted exchange closes the channel with 404) — unlease every message
+//!   without an attempt and without probing, are logged at ERROR with the broker's text (once
+//!   per distinct problem, then every [`REMINDER_EVERY`]), shown in status as "topology error",
+//!   and retried with the reconnect backoff. Mail keeps being accepted and spooled.
+//! - **The operator's topology is never fought.** What exists is checked passively and used as
+//!   it is; only what the configuration allows is declared, and only when missing
+//!   ([`crate::config::amqp::AmqpConfig::topology_plan`]).
 //! - **Returns are attributed by identity**, not by the confirm lapin attaches them to (see
 //!   [`amqp`]): before trusting an ack, the forwarder makes one round trip on the channel
-//!   ([`amqp::barrier`]), after which every return the broker sent earlier is known.
+//!   ([`Publisher::barrier`]), after which every return the broker sent earlier is known.
 //! - **A poison message is found, not guessed.** When the broker closes the channel (e.g. a body
 //!   over its `max_message_size`), every message in the window is suspect. If only one message
 //!   was in flight it is the culprit: held `Refused` for a size refusal, otherwise deferred with
@@ -20,10 +39,11 @@
 //!   re-sends them one at a time ("probe mode") until each has settled, so innocent messages
 //!   are never held.
 //! - **What cannot be sent is held, not sent.** Before any copy of a message is published, every
-//!   copy's content header is sized against the connection's negotiated `frame_max`
-//!   ([`amqp::check_header_frame`]). One that does not fit would make the broker close the
-//!   connection, and the message would be re-sent after every reconnect, stalling the queue;
-//!   instead the message is held as `HeaderTooLarge`, no attempt counted, nothing published.
+//!   copy is prepared ([`Publisher::prepare`]): its content header is sized against the
+//!   connection's negotiated `frame_max` ([`amqp::check_header_frame`]). One that does not fit
+//!   would make the broker close the connection, and the message would be re-sent after every
+//!   reconnect, stalling the queue; instead the message is held as `HeaderTooLarge`, no attempt
+//!   counted, nothing published.
 //! - **Bounded window.** At most `amqp.max_in_flight` messages are leased at once.
 //! - **No polling.** The loop sleeps until the spool doorbell rings, the next message is due, a
 //!   confirm arrives, a broker event arrives, or the shutdown token fires.
@@ -37,27 +57,31 @@
 
 pub mod amqp;
 pub mod backoff;
+pub mod core;
+pub mod memory;
 pub mod payload;
+pub mod probe;
+pub mod publisher;
 pub mod route;
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use futures_util::stream::FuturesUnordered;
-use futures_util::{FutureExt as _, StreamExt as _};
-use lapin::{Channel, Confirmation, Connection, Event};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use self::amqp::Failure;
+use self::amqp::AmqpPublisher;
+use self::core::{Core, Counters, Decision, Reminder};
+use self::publisher::{BrokerEvent, Failure, Publisher, Settled};
 use crate::config::AmqpConfig;
 use crate::metrics::Latency;
-use crate::spool::{now_ms, HoldReason, Leased, MessageId, Record, Spool};
+use crate::spool::{now_ms, Leased, MessageId, Spool};
+
+/// How often a topology problem that has not changed is logged again.
+pub const REMINDER_EVERY: Duration = Duration::from_secs(300);
 
 /// A snapshot of the forwarder for `lsmtpctl status`. Counters count since start.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -68,6 +92,9 @@ pub struct BrokerStatus {
     pub blocked: bool,
     /// The most recent connection or publish error.
     pub last_error: Option<String>,
+    /// The topology problem (credentials, vhost, permissions, exchange, queue) that stops
+    /// publishing now, with the broker's text; `None` once a connection was set up again.
+    pub topology_error: Option<String>,
     /// Messages leased and awaiting confirms now.
     pub in_flight: u64,
     /// Publishes sent (one per target per attempt).
@@ -83,14 +110,17 @@ pub struct BrokerStatus {
     /// Messages held because the broker refused them outright (`Refused`), or would have
     /// (`HeaderTooLarge`: a content header over the connection's frame_max).
     pub refused: u64,
-    /// Connections lost or failed to open.
+    /// Connections lost or failed to open (topology problems included).
     pub connection_failures: u64,
+    /// Connections or channels ended by a topology problem.
+    pub topology_errors: u64,
 }
 
 #[derive(Default)]
 struct Shared {
     connected_node: Mutex<Option<String>>,
     last_error: Mutex<Option<String>>,
+    topology_error: Mutex<Option<String>>,
     blocked: AtomicBool,
     in_flight: AtomicU64,
     published: AtomicU64,
@@ -100,22 +130,41 @@ struct Shared {
     failed_attempts: AtomicU64,
     refused: AtomicU64,
     connection_failures: AtomicU64,
+    topology_errors: AtomicU64,
+}
+
+fn set(slot: &Mutex<Option<String>>, value: Option<String>) -> Option<String> {
+    std::mem::replace(
+        &mut *slot.lock().unwrap_or_else(PoisonError::into_inner),
+        value,
+    )
+}
+
+fn get(slot: &Mutex<Option<String>>) -> Option<String> {
+    slot.lock().unwrap_or_else(PoisonError::into_inner).clone()
 }
 
 impl Shared {
     fn set_node(&self, node: Option<&str>) {
-        *self
-            .connected_node
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = node.map(str::to_owned);
+        set(&self.connected_node, node.map(str::to_owned));
     }
 
     fn set_error(&self, error: String) {
-        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
+        set(&self.last_error, Some(error));
     }
 
-    fn bump(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
+    /// Mirrors the core's counters (the core owns them; readers see these atomics).
+    fn store(&self, c: &Counters, in_flight: usize) {
+        let put = |a: &AtomicU64, v: u64| a.store(v, Ordering::Relaxed);
+        put(&self.in_flight, in_flight as u64);
+        put(&self.published, c.published);
+        put(&self.confirmed, c.confirmed);
+        put(&self.nacked, c.nacked);
+        put(&self.returned, c.returned);
+        put(&self.failed_attempts, c.failed_attempts);
+        put(&self.refused, c.refused);
+        put(&self.connection_failures, c.connection_failures);
+        put(&self.topology_errors, c.topology_errors);
     }
 }
 
@@ -146,17 +195,10 @@ impl StatusView {
         let s = &self.shared;
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         BrokerStatus {
-            connected_node: s
-                .connected_node
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone(),
+            connected_node: get(&s.connected_node),
             blocked: s.blocked.load(Ordering::Relaxed),
-            last_error: s
-                .last_error
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone(),
+            last_error: get(&s.last_error),
+            topology_error: get(&s.topology_error),
             in_flight: load(&s.in_flight),
             published: load(&s.published),
             confirmed: load(&s.confirmed),
@@ -165,6 +207,7 @@ impl StatusView {
             failed_attempts: load(&s.failed_attempts),
             refused: load(&s.refused),
             connection_failures: load(&s.connection_failures),
+            topology_errors: load(&s.topology_errors),
         }
     }
 }
@@ -195,56 +238,26 @@ impl ForwarderHandle {
             if tokio::time::timeout(grace, &mut task).await.is_err() {
                 hard_stop.cancel();
                 if let Err(e) = task.await {
-                    error!(error = %e, "forwarder task failed");
+                    error!(error = %e, "forwarder_task_failed");
                 }
             }
         }
     }
 }
 
-type ConfirmOut = (MessageId, usize, Result<Confirmation, lapin::Error>);
-type ConfirmFuture = Pin<Box<dyn Future<Output = ConfirmOut> + Send>>;
-
-/// One leased message and what its targets have reported so far.
-struct InFlight {
-    record: Record,
-    /// Targets not yet settled.
-    pending: usize,
-    /// The first failure reported by one of its targets.
-    failure: Option<String>,
-    published_at: Instant,
-}
-
 /// Why a connected session ended.
 enum SessionEnd {
     /// Shutdown finished (or was cut short by the grace period).
     Shutdown,
-    /// The connection failed; everything outstanding has to be unleased.
-    Lost(String),
+    /// The connection failed, or a topology problem stopped publishing.
+    Lost(Failure),
 }
 
-/// The forwarder's state; lives inside its task.
-pub struct Forwarder {
-    cfg: Arc<AmqpConfig>,
-    spool: Spool,
-    token: CancellationToken,
-    hard_stop: CancellationToken,
-    shared: Arc<Shared>,
-    inflight: HashMap<MessageId, InFlight>,
-    confirms: FuturesUnordered<ConfirmFuture>,
-    /// Returns seen but whose own confirm has not been processed yet.
-    returned: HashMap<(MessageId, usize), String>,
-    /// Messages left to re-send one at a time after an unexplained channel close.
-    probe_remaining: usize,
-    /// Index into `cfg.nodes` to try first.
-    node_index: usize,
-    rng: u64,
-    /// Publish → last positive confirm, per message.
-    confirm_latency: Latency,
-}
+/// Starts forwarder tasks.
+pub struct Forwarder;
 
 impl Forwarder {
-    /// Starts the forwarder task.
+    /// Starts the forwarder task, publishing to the broker of `cfg`.
     pub fn spawn(cfg: Arc<AmqpConfig>, spool: Spool, token: CancellationToken) -> ForwarderHandle {
         Forwarder::spawn_observed(cfg, spool, token, Latency::off())
     }
@@ -257,40 +270,61 @@ impl Forwarder {
         token: CancellationToken,
         confirm_latency: Latency,
     ) -> ForwarderHandle {
+        let publisher = AmqpPublisher::new(Arc::clone(&cfg));
+        Forwarder::spawn_with(publisher, cfg, spool, token, confirm_latency)
+    }
+
+    /// Starts the forwarder task with any [`Publisher`] (tests use
+    /// [`memory::MemoryPublisher`]).
+    pub fn spawn_with<P: Publisher>(
+        publisher: P,
+        cfg: Arc<AmqpConfig>,
+        spool: Spool,
+        token: CancellationToken,
+        confirm_latency: Latency,
+    ) -> ForwarderHandle {
         let shared = Arc::new(Shared::default());
         let hard_stop = CancellationToken::new();
         let seed = now_ms() ^ (u64::from(std::process::id()) << 32) ^ 0x9E37_79B9_7F4A_7C15;
-        let forwarder = Forwarder {
+        let shell = Shell {
+            core: Core::new(cfg.retry, cfg.max_in_flight, seed),
             cfg,
             spool,
+            publisher,
             token,
             hard_stop: hard_stop.clone(),
-            shared: shared.clone(),
-            inflight: HashMap::new(),
-            confirms: FuturesUnordered::new(),
-            returned: HashMap::new(),
-            probe_remaining: 0,
+            shared: Arc::clone(&shared),
             node_index: 0,
-            rng: seed | 1,
             confirm_latency,
+            topology: Reminder::new(REMINDER_EVERY),
         };
-        let task = tokio::spawn(forwarder.run());
+        let task = tokio::spawn(shell.run());
         ForwarderHandle {
             shared,
             task,
             hard_stop,
         }
     }
+}
 
-    /// A jitter value in [0, 1) (xorshift64*; quality is irrelevant, spread is what matters).
-    fn jitter(&mut self) -> f64 {
-        self.rng ^= self.rng >> 12;
-        self.rng ^= self.rng << 25;
-        self.rng ^= self.rng >> 27;
-        let x = self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D);
-        (x >> 11) as f64 / (1u64 << 53) as f64
-    }
+/// The forwarder's task: the imperative shell around [`Core`].
+struct Shell<P: Publisher> {
+    cfg: Arc<AmqpConfig>,
+    spool: Spool,
+    publisher: P,
+    core: Core,
+    token: CancellationToken,
+    hard_stop: CancellationToken,
+    shared: Arc<Shared>,
+    /// Index into `cfg.nodes` to try first.
+    node_index: usize,
+    /// Publish → last positive confirm, per message.
+    confirm_latency: Latency,
+    /// When the current topology problem was last logged.
+    topology: Reminder,
+}
 
+impl<P: Publisher> Shell<P> {
     async fn run(mut self) {
         let mut failures: u32 = 0;
         loop {
@@ -303,34 +337,30 @@ impl Forwarder {
                 _ = token.cancelled() => break,
             };
             let end = match connected {
-                Ok((conn, channel, node)) => {
-                    info!(%node, "broker_connected");
-                    self.shared.set_node(Some(&node));
-                    let end = self.serve(&conn, channel, &mut failures).await;
+                Ok(node) => {
+                    self.on_connected(&node);
+                    let end = self.serve(&mut failures).await;
                     self.shared.set_node(None);
                     self.shared.blocked.store(false, Ordering::Relaxed);
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(1),
-                        conn.close(200, "lsmtpd forwarder stopping".into()),
-                    )
-                    .await;
+                    self.publisher.disconnect().await;
                     end
                 }
-                Err(e) => SessionEnd::Lost(e),
+                Err(f) => SessionEnd::Lost(f),
             };
-            self.unlease_all();
+            let back = self.core.give_back_all();
+            self.apply(back).await;
             match end {
                 SessionEnd::Shutdown => break,
-                SessionEnd::Lost(reason) => {
+                SessionEnd::Lost(failure) => {
                     failures = failures.saturating_add(1);
-                    Shared::bump(&self.shared.connection_failures);
-                    self.shared.set_error(reason.clone());
+                    let back = self.core.on_connection_lost(&failure);
+                    self.apply(back).await;
                     let policy = backoff::Policy {
                         initial: self.cfg.reconnect.initial,
                         max: self.cfg.reconnect.max,
                     };
-                    let wait = backoff::delay(failures, &policy, self.jitter());
-                    warn!(error = %reason, retry_in = ?wait, "broker_unavailable");
+                    let wait = backoff::delay(failures, &policy, self.core.jitter());
+                    self.report_lost(&failure, wait);
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
                         _ = self.token.cancelled() => break,
@@ -338,386 +368,107 @@ impl Forwarder {
                 }
             }
         }
-        self.unlease_all();
+        let back = self.core.give_back_all();
+        self.apply(back).await;
         info!("forwarder_stopped");
     }
 
-    /// Tries every node once, starting with the last one that worked.
-    async fn connect_any(&mut self) -> Result<(Connection, Channel, String), String> {
+    /// A connection is set up (topology checked): a standing topology problem is over.
+    fn on_connected(&mut self, node: &str) {
+        info!(%node, "broker_connected");
+        self.core.on_connected();
+        self.shared.set_node(Some(node));
+        let was = set(&self.shared.topology_error, None);
+        if self.topology.clear() || was.is_some() {
+            info!(%node, "broker_topology_ok");
+        }
+    }
+
+    /// Logs and shows why the connection ended: a topology problem at ERROR (once per distinct
+    /// problem, then every [`REMINDER_EVERY`]), an outage at WARN.
+    fn report_lost(&mut self, failure: &Failure, wait: Duration) {
+        let text = match failure {
+            Failure::Connection(text) => text.clone(),
+            other => other.describe(),
+        };
+        self.shared.set_error(text.clone());
+        if failure.is_topology() {
+            set(&self.shared.topology_error, Some(text.clone()));
+            if self.topology.should_log(&text, Instant::now()) {
+                error!(error = %text, retry_in = ?wait, "broker_topology_error");
+            } else {
+                debug!(error = %text, retry_in = ?wait, "broker_topology_error");
+            }
+        } else {
+            warn!(error = %text, retry_in = ?wait, "broker_unavailable");
+        }
+    }
+
+    /// Tries every node once, starting with the last one that worked. A topology problem on
+    /// any node is what is reported (it is what needs a person), else the joined outages.
+    async fn connect_any(&mut self) -> Result<String, Failure> {
         let nodes = self.cfg.nodes.clone();
         let mut errors = Vec::new();
+        let mut topology = None;
         for i in 0..nodes.len() {
             let idx = (self.node_index + i) % nodes.len();
             let node = &nodes[idx];
-            let attempt = async {
-                let conn = amqp::connect(&self.cfg, node).await?;
-                match amqp::open_channel(&conn, &self.cfg).await {
-                    Ok(ch) => Ok((conn, ch)),
-                    Err(e) => {
-                        let _ = conn.close(200, "setup failed".into()).await;
-                        Err(e)
-                    }
-                }
-            };
-            match attempt.await {
-                Ok((conn, ch)) => {
+            match self.publisher.connect(node).await {
+                Ok(()) => {
                     self.node_index = idx;
-                    return Ok((conn, ch, node.clone()));
+                    return Ok(node.clone());
                 }
-                Err(e) => {
-                    debug!(%node, error = %e, "broker_connect_failed");
-                    errors.push(format!("{node}: {e}"));
+                Err(f) => {
+                    debug!(%node, error = %f.describe(), "broker_connect_failed");
+                    let text = match &f {
+                        Failure::Connection(t) => t.clone(),
+                        other => other.describe(),
+                    };
+                    errors.push(format!("{node}: {text}"));
+                    if f.is_topology() && topology.is_none() {
+                        topology = Some(f.context(node));
+                    }
                 }
             }
         }
         self.node_index = (self.node_index + 1) % nodes.len().max(1);
-        Err(errors.join("; "))
+        Err(topology.unwrap_or_else(|| Failure::Connection(errors.join("; "))))
     }
 
-    fn unlease_all(&mut self) {
-        for id in self.inflight.keys() {
-            self.spool.unlease(*id);
-        }
-        self.inflight.clear();
-        self.confirms = FuturesUnordered::new();
-        self.returned.clear();
-        self.shared.in_flight.store(0, Ordering::Relaxed);
-    }
-
-    fn window(&self) -> usize {
-        if self.probe_remaining > 0 {
-            1
-        } else {
-            self.cfg.max_in_flight.max(1)
-        }
-    }
-
-    /// Runs one connection until shutdown or failure.
-    async fn serve(
-        &mut self,
-        conn: &Connection,
-        mut channel: Channel,
-        failures: &mut u32,
-    ) -> SessionEnd {
-        let mut events = Box::pin(conn.events_listener());
-        let doorbell = self.spool.doorbell();
-        let mut stopping = self.token.is_cancelled();
-        let mut want_lease = true;
-        let mut lease_retry: Option<Instant> = None;
-        let mut unblocked_at = Instant::now();
-        loop {
-            let blocked = conn.status().blocked();
-            self.shared.blocked.store(blocked, Ordering::Relaxed);
-            if stopping && self.inflight.is_empty() {
-                // Close the channel before the caller closes the connection; closing the
-                // connection under a channel that is still open makes lapin log a spurious
-                // "Connection error" at error level on every clean shutdown.
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(1),
-                    channel.close(200, "lsmtpd forwarder stopping".into()),
-                )
-                .await;
-                return SessionEnd::Shutdown;
-            }
-            let room = self.window().saturating_sub(self.inflight.len());
-            if want_lease && !stopping && !blocked && room > 0 {
-                want_lease = false;
-                match self.spool.lease_due(now_ms(), room) {
-                    Ok(batch) => {
-                        let mut batch = batch.into_iter();
-                        while let Some(leased) = batch.next() {
-                            if let Err(failure) = self.publish_message(conn, &channel, leased).await
-                            {
-                                for rest in batch {
-                                    self.spool.unlease(rest.record.id);
-                                }
-                                // A publish on a channel the broker just closed fails with a
-                                // bare "invalid state"; the outstanding confirms carry the real
-                                // reason (and may name a poison message), so let them settle.
-                                if conn.status().connected() && !self.confirms.is_empty() {
-                                    break;
-                                }
-                                match self.on_failure(conn, &mut channel, failure).await {
-                                    Ok(()) => break,
-                                    Err(end) => return end,
-                                }
-                            }
-                        }
-                        // A full window may leave more due work; look again when room frees.
-                    }
-                    Err(e) => {
-                        error!(error = %e, "spool_lease_failed");
-                        self.shared.set_error(format!("spool: {e}"));
-                        lease_retry = Some(Instant::now() + Duration::from_secs(1));
-                    }
-                }
-                continue;
-            }
-            let room = self.window().saturating_sub(self.inflight.len());
-            let due_in = if !stopping && !blocked && room > 0 && lease_retry.is_none() {
-                match self.spool.next_due_ms() {
-                    Ok(Some(due)) => Some(Duration::from_millis(due.saturating_sub(now_ms()))),
-                    Ok(None) => None,
-                    Err(e) => {
-                        error!(error = %e, "spool_next_due_failed");
-                        Some(Duration::from_secs(1))
-                    }
-                }
-            } else {
-                lease_retry.map(|t| t.saturating_duration_since(Instant::now()))
-            };
-            let confirm_deadline = if blocked {
-                None
-            } else {
-                self.inflight
-                    .values()
-                    .map(|m| m.published_at.max(unblocked_at))
-                    .min()
-                    .map(|t| t + self.cfg.confirm_timeout)
-            };
-            let notified = doorbell.notified();
-            tokio::select! {
-                biased;
-                _ = self.hard_stop.cancelled() => return SessionEnd::Shutdown,
-                _ = self.token.cancelled(), if !stopping => {
-                    info!(in_flight = self.inflight.len(), "forwarder_draining");
-                    stopping = true;
-                }
-                Some(first) = self.confirms.next(), if !self.confirms.is_empty() => {
-                    match self.settle(first, &channel).await {
-                        Ok(any_ok) => {
-                            if any_ok {
-                                *failures = 0;
-                            }
-                        }
-                        Err(failure) => {
-                            if let Err(end) = self.on_failure(conn, &mut channel, failure).await {
-                                return end;
-                            }
-                        }
-                    }
-                    want_lease = true;
-                }
-                ev = events.next() => match ev {
-                    Some(Event::ConnectionBlocked(reason)) => {
-                        warn!(%reason, "broker_blocked");
-                        self.shared.set_error(format!("broker blocked publishing: {reason}"));
-                    }
-                    Some(Event::ConnectionUnblocked) => {
-                        info!("broker_unblocked");
-                        unblocked_at = Instant::now();
-                        want_lease = true;
-                    }
-                    Some(Event::Error(e)) => {
-                        if let Failure::Connection(text) = amqp::classify(&e) {
-                            return SessionEnd::Lost(text);
-                        }
-                    }
-                    Some(_) => {}
-                    None => return SessionEnd::Lost("connection events ended".to_owned()),
-                },
-                _ = notified => want_lease = true,
-                _ = sleep_opt(due_in) => {
-                    lease_retry = None;
-                    want_lease = true;
-                }
-                _ = sleep_until_opt(confirm_deadline) => {
-                    return SessionEnd::Lost(format!(
-                        "no publisher confirm within {:?}",
-                        self.cfg.confirm_timeout
-                    ));
-                }
-            }
-        }
-    }
-
-    /// Publishes every target of one leased message. On error the message stays in `inflight`
-    /// (so the failure handler treats it like the rest of the window).
-    async fn publish_message(
-        &mut self,
-        conn: &Connection,
-        channel: &Channel,
-        leased: Leased,
-    ) -> Result<(), Failure> {
-        let Leased { record, body } = leased;
-        // The spooled body is dropped as soon as the last target is encoded, so a large message
-        // is not held three times (spooled body, payload, lapin's frame) while it is published.
-        let mut body = Some(body);
-        let id = record.id;
-        let targets = route::targets(
-            &record.rcpt_to,
-            &self.cfg.routes,
-            &self.cfg.exchange,
-            &self.cfg.routing_key,
-        );
-        // Every copy's content header must fit in one frame, checked before any copy goes out:
-        // lapin would send an oversized one and the broker would close the connection, and the
-        // message, never settled, would be sent again after every reconnect, stalling the rest.
-        let frame_max = conn.configuration().frame_max();
-        let content_type = payload::content_type(self.cfg.payload);
-        let mut props = Vec::with_capacity(targets.len());
-        for (index, target) in targets.iter().enumerate() {
-            let headers = payload::envelope_headers(&record, &target.recipients);
-            let checked = amqp::properties(&record, index, content_type, &headers).and_then(|p| {
-                amqp::check_header_frame(&p, frame_max)?;
-                Ok(p)
-            });
-            match checked {
-                Ok(p) => props.push(p),
-                Err(e) => {
-                    self.hold_unpublishable(&record, &e).await;
-                    return Ok(());
-                }
-            }
-        }
-        self.inflight.insert(
-            id,
-            InFlight {
-                record: record.clone(),
-                pending: targets.len(),
-                failure: None,
-                published_at: Instant::now(),
-            },
-        );
+    fn sync_status(&self) {
         self.shared
-            .in_flight
-            .store(self.inflight.len() as u64, Ordering::Relaxed);
-        for (index, (target, props)) in targets.iter().zip(props).enumerate() {
-            let encoded = match &body {
-                Some(b) => payload::encode(self.cfg.payload, &record, &target.recipients, b),
-                None => break, // unreachable: the body is kept until the last target
-            };
-            if index + 1 == targets.len() {
-                body = None;
-            }
-            let publish = amqp::publish(channel, target, props, &encoded);
-            tokio::pin!(publish);
-            // Frames wait in lapin while the broker blocks us; only a stall while unblocked
-            // is treated as a dead connection.
-            let result = loop {
-                tokio::select! {
-                    r = &mut publish => break r,
-                    _ = tokio::time::sleep(self.cfg.confirm_timeout) => {
-                        if !conn.status().blocked() {
-                            return Err(Failure::Connection("publish stalled".to_owned()));
-                        }
-                    }
-                    _ = self.hard_stop.cancelled() => {
-                        return Err(Failure::Connection("shutting down".to_owned()));
-                    }
-                }
-            };
-            match result {
-                Ok(confirm) => {
-                    Shared::bump(&self.shared.published);
-                    self.confirms
-                        .push(Box::pin(async move { (id, index, confirm.await) }));
-                }
-                Err(amqp::AmqpError::Lapin(e)) => return Err(amqp::classify(&e)),
-                Err(e) => {
-                    // A name too long for AMQP: the message cannot ever be published as is.
-                    if let Some(m) = self.inflight.get_mut(&id) {
-                        m.pending = 0;
-                    }
-                    self.inflight.remove(&id);
-                    self.hold(id, HoldReason::Refused, &format!("cannot publish: {e}"))
-                        .await;
-                    return Ok(());
-                }
-            }
-        }
-        Ok(())
+            .store(&self.core.counters(), self.core.in_flight());
     }
 
-    /// A leased message none of whose copies was published, because one of them cannot be
-    /// (see [`amqp::check_header_frame`]): held, so it neither blocks the queue nor is lost.
-    async fn hold_unpublishable(&mut self, record: &Record, error: &amqp::AmqpError) {
-        let (reason, hint) = match error {
-            amqp::AmqpError::HeaderTooLarge { .. } => (
-                HoldReason::HeaderTooLarge,
-                "; raise amqp.frame_max (and the broker's, if lower), then retry it",
-            ),
-            _ => (HoldReason::Refused, ""),
-        };
-        let text = format!("cannot publish: {error}{hint}");
-        self.hold(record.id, reason, &text).await;
-    }
-
-    /// Handles a batch of confirms starting with `first`. Returns whether any publish was acked.
-    async fn settle(&mut self, first: ConfirmOut, channel: &Channel) -> Result<bool, Failure> {
-        let mut batch = vec![first];
-        self.drain_ready(&mut batch);
-        let mut barrier_error = None;
-        let tentative_ack = batch
-            .iter()
-            .any(|(_, _, r)| matches!(r, Ok(Confirmation::Ack(None))));
-        let any_error = batch.iter().any(|(_, _, r)| r.is_err());
-        if tentative_ack && !any_error {
-            // After the round trip every return sent before these acks is in hand.
-            if let Err(e) = amqp::barrier(channel).await {
-                barrier_error = Some(amqp::classify(&e));
-            }
-            self.drain_ready(&mut batch);
-        }
-        for (_, _, result) in &mut batch {
-            let ret = match result {
-                Ok(Confirmation::Ack(r)) | Ok(Confirmation::Nack(r)) => r.take(),
-                _ => None,
-            };
-            if let Some(ret) = ret {
-                match amqp::identify_return(&ret) {
-                    Some(key) => {
-                        self.returned.insert(key, amqp::describe_return(&ret));
-                    }
-                    None => warn!("broker returned a message that is not ours"),
+    /// Carries out the core's decisions on the spool. The only place besides leasing where the
+    /// forwarder changes the spool.
+    async fn apply(&mut self, decisions: Vec<Decision>) {
+        let mut completed: Vec<MessageId> = Vec::new();
+        for d in decisions {
+            match d {
+                Decision::Complete { id, published_at } => {
+                    self.confirm_latency.observe_since(published_at);
+                    completed.push(id);
                 }
-            }
-        }
-        let mut any_ok = false;
-        let mut failure = barrier_error;
-        let mut completed = Vec::new();
-        for (id, target, result) in batch {
-            let outcome = match result {
-                Ok(Confirmation::Ack(_)) => match self.returned.remove(&(id, target)) {
-                    Some(reason) => {
-                        Shared::bump(&self.shared.returned);
-                        Some(reason)
+                Decision::Unlease(id) => self.spool.unlease(id),
+                Decision::Defer {
+                    id,
+                    due_ms,
+                    attempts,
+                    reason,
+                } => {
+                    let retry_in = Duration::from_millis(due_ms.saturating_sub(now_ms()));
+                    info!(msg_id = %id, attempts, %reason, ?retry_in, "message_deferred");
+                    if let Err(e) = self.spool.defer(id, due_ms, &reason, true).await {
+                        error!(msg_id = %id, error = %e, "spool_defer_failed");
+                        self.spool.unlease(id);
                     }
-                    None => {
-                        Shared::bump(&self.shared.confirmed);
-                        any_ok = true;
-                        None
-                    }
-                },
-                Ok(Confirmation::Nack(_)) => {
-                    Shared::bump(&self.shared.nacked);
-                    self.returned.remove(&(id, target));
-                    Some("nacked by broker".to_owned())
                 }
-                Ok(Confirmation::NotRequested) => Some("publish was not confirmed".to_owned()),
-                Err(e) => {
-                    // Stays pending: the failure handler decides for the whole window.
-                    failure.get_or_insert_with(|| amqp::classify(&e));
-                    continue;
-                }
-            };
-            let Some(m) = self.inflight.get_mut(&id) else {
-                continue;
-            };
-            m.pending = m.pending.saturating_sub(1);
-            if let Some(reason) = outcome {
-                debug!(msg_id = %id, target, %reason, "publish_failed");
-                m.failure.get_or_insert(reason);
-            }
-            if m.pending == 0 {
-                if let Some(m) = self.inflight.remove(&id) {
-                    self.probe_remaining = self.probe_remaining.saturating_sub(1);
-                    match m.failure {
-                        None => {
-                            self.confirm_latency.observe_since(m.published_at);
-                            completed.push(id);
-                        }
-                        Some(reason) => self.fail_attempt(&m.record, &reason).await,
+                Decision::Hold { id, reason, text } => {
+                    warn!(msg_id = %id, ?reason, error = %text, "message_held");
+                    if let Err(e) = self.spool.hold(id, reason, Some(&text)).await {
+                        error!(msg_id = %id, error = %e, "spool_hold_failed");
+                        self.spool.unlease(id);
                     }
                 }
             }
@@ -733,101 +484,241 @@ impl Forwarder {
                 }
             }
         }
-        self.shared
-            .in_flight
-            .store(self.inflight.len() as u64, Ordering::Relaxed);
-        match failure {
-            Some(f) => Err(f),
-            None => Ok(any_ok),
-        }
+        self.sync_status();
     }
 
-    fn drain_ready(&mut self, batch: &mut Vec<ConfirmOut>) {
-        while let Some(Some(out)) = self.confirms.next().now_or_never() {
-            batch.push(out);
-        }
-    }
-
-    /// A nack, a return or a refusal: count the attempt, then defer or hold.
-    async fn fail_attempt(&mut self, record: &Record, reason: &str) {
-        Shared::bump(&self.shared.failed_attempts);
-        let attempts = record.attempts.saturating_add(1);
-        let now = now_ms();
-        let retry = &self.cfg.retry;
-        let age = Duration::from_millis(now.saturating_sub(record.received_at_ms));
-        if retry.max_attempts != 0 && attempts >= retry.max_attempts {
-            let text = format!("{reason} (attempt {attempts} of {})", retry.max_attempts);
-            self.hold(record.id, HoldReason::TooManyAttempts, &text)
-                .await;
-        } else if !retry.max_age.is_zero() && age >= retry.max_age {
-            let text = format!("{reason} (message is {}s old)", age.as_secs());
-            self.hold(record.id, HoldReason::TooOld, &text).await;
-        } else {
-            let policy = backoff::Policy {
-                initial: retry.initial,
-                max: retry.max,
+    /// Runs one connection until shutdown or failure.
+    async fn serve(&mut self, failures: &mut u32) -> SessionEnd {
+        let doorbell = self.spool.doorbell();
+        let mut stopping = self.token.is_cancelled();
+        let mut want_lease = true;
+        let mut lease_retry: Option<Instant> = None;
+        let mut unblocked_at = Instant::now();
+        loop {
+            let blocked = self.publisher.blocked();
+            self.shared.blocked.store(blocked, Ordering::Relaxed);
+            if stopping && self.core.in_flight() == 0 {
+                return SessionEnd::Shutdown;
+            }
+            let room = self.core.room();
+            if want_lease && !stopping && !blocked && room > 0 {
+                want_lease = false;
+                match self.spool.lease_due(now_ms(), room) {
+                    Ok(batch) => {
+                        if let Err(end) = self.publish_batch(batch).await {
+                            return end;
+                        }
+                        // A full window may leave more due work; look again when room frees.
+                    }
+                    Err(e) => {
+                        error!(error = %e, "spool_lease_failed");
+                        self.shared.set_error(format!("spool: {e}"));
+                        lease_retry = Some(Instant::now() + Duration::from_secs(1));
+                    }
+                }
+                continue;
+            }
+            let room = self.core.room();
+            let due_in = if !stopping && !blocked && room > 0 && lease_retry.is_none() {
+                match self.spool.next_due_ms() {
+                    Ok(Some(due)) => Some(Duration::from_millis(due.saturating_sub(now_ms()))),
+                    Ok(None) => None,
+                    Err(e) => {
+                        error!(error = %e, "spool_next_due_failed");
+                        Some(Duration::from_secs(1))
+                    }
+                }
+            } else {
+                lease_retry.map(|t| t.saturating_duration_since(Instant::now()))
             };
-            let wait = backoff::delay(attempts, &policy, self.jitter());
-            let due = now.saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX));
-            info!(msg_id = %record.id, attempts, %reason, retry_in = ?wait, "message_deferred");
-            if let Err(e) = self.spool.defer(record.id, due, reason, true).await {
-                error!(msg_id = %record.id, error = %e, "spool_defer_failed");
-                self.spool.unlease(record.id);
+            let confirm_deadline = if blocked {
+                None
+            } else {
+                self.core
+                    .confirm_deadline(unblocked_at, self.cfg.confirm_timeout)
+            };
+            let notified = doorbell.notified();
+            let hard_stop = self.hard_stop.clone();
+            let token = self.token.clone();
+            let event = tokio::select! {
+                biased;
+                _ = hard_stop.cancelled() => return SessionEnd::Shutdown,
+                _ = token.cancelled(), if !stopping => {
+                    info!(in_flight = self.core.in_flight(), "forwarder_draining");
+                    stopping = true;
+                    continue;
+                }
+                ev = self.publisher.next_event() => ev,
+                _ = notified => {
+                    want_lease = true;
+                    continue;
+                }
+                _ = sleep_opt(due_in) => {
+                    lease_retry = None;
+                    want_lease = true;
+                    continue;
+                }
+                _ = sleep_until_opt(confirm_deadline) => {
+                    return SessionEnd::Lost(Failure::Connection(format!(
+                        "no publisher confirm within {:?}",
+                        self.cfg.confirm_timeout
+                    )));
+                }
+            };
+            match event {
+                BrokerEvent::Settled(first) => {
+                    match self.settle(first).await {
+                        Ok(any_ok) => {
+                            if any_ok {
+                                *failures = 0;
+                            }
+                        }
+                        Err(failure) => {
+                            if let Err(end) = self.on_failure(failure).await {
+                                return end;
+                            }
+                        }
+                    }
+                    want_lease = true;
+                }
+                BrokerEvent::Blocked(reason) => {
+                    warn!(%reason, "broker_blocked");
+                    self.shared
+                        .set_error(format!("broker blocked publishing: {reason}"));
+                }
+                BrokerEvent::Unblocked => {
+                    info!("broker_unblocked");
+                    unblocked_at = Instant::now();
+                    want_lease = true;
+                }
+                BrokerEvent::Lost(failure) => return SessionEnd::Lost(failure),
             }
         }
     }
 
-    async fn hold(&mut self, id: MessageId, reason: HoldReason, text: &str) {
-        warn!(msg_id = %id, ?reason, error = %text, "message_held");
-        if matches!(reason, HoldReason::Refused | HoldReason::HeaderTooLarge) {
-            Shared::bump(&self.shared.refused);
+    /// Publishes a leased batch. `Err` = the session is over.
+    async fn publish_batch(&mut self, batch: Vec<Leased>) -> Result<(), SessionEnd> {
+        let mut batch = batch.into_iter();
+        while let Some(leased) = batch.next() {
+            if let Err(failure) = self.publish_message(leased).await {
+                for rest in batch {
+                    self.spool.unlease(rest.record.id);
+                }
+                // A publish on a channel the broker just closed fails with a bare "invalid
+                // state"; the outstanding confirms carry the real reason (and may name a poison
+                // message), so let them settle.
+                if self.publisher.connected() && self.publisher.unsettled() > 0 {
+                    return Ok(());
+                }
+                return self.on_failure(failure).await;
+            }
         }
-        if let Err(e) = self.spool.hold(id, reason, Some(text)).await {
-            error!(msg_id = %id, error = %e, "spool_hold_failed");
-            self.spool.unlease(id);
+        Ok(())
+    }
+
+    /// Publishes every target of one leased message. On error the message stays outstanding
+    /// in the core (so the failure handler treats it like the rest of the window).
+    async fn publish_message(&mut self, leased: Leased) -> Result<(), Failure> {
+        let Leased { record, body } = leased;
+        // The spooled body is dropped as soon as the last target is encoded, so a large message
+        // is not held three times (spooled body, payload, lapin's frame) while it is published.
+        let mut body = Some(body);
+        let id = record.id;
+        let targets = route::targets(
+            &record.rcpt_to,
+            &self.cfg.routes,
+            &self.cfg.exchange,
+            &self.cfg.routing_key,
+        );
+        // Every copy is checked before any copy goes out: one that cannot be published would
+        // otherwise leave the others delivered and the message never settled.
+        let mut prepared = Vec::with_capacity(targets.len());
+        for (index, target) in targets.iter().enumerate() {
+            match self.publisher.prepare(&record, index, target) {
+                Ok(p) => prepared.push(p),
+                Err(why) => {
+                    let d = self.core.unpublishable(&record, why);
+                    self.apply(vec![d]).await;
+                    return Ok(());
+                }
+            }
+        }
+        self.core
+            .begin(record.clone(), targets.len(), Instant::now());
+        self.sync_status();
+        let last = targets.len().saturating_sub(1);
+        for (index, (target, prepared)) in targets.iter().zip(prepared).enumerate() {
+            let encoded = match &body {
+                Some(b) => payload::encode(self.cfg.payload, &record, &target.recipients, b),
+                None => break, // not reached: the body is kept until the last target
+            };
+            if index == last {
+                body = None;
+            }
+            let publish = self
+                .publisher
+                .publish((id, index), target, prepared, encoded);
+            let hard_stop = self.hard_stop.clone();
+            tokio::select! {
+                r = publish => r?,
+                _ = hard_stop.cancelled() => {
+                    return Err(Failure::Connection("shutting down".to_owned()));
+                }
+            }
+            self.core.published();
+        }
+        Ok(())
+    }
+
+    /// Handles a batch of confirms starting with `first`. Returns whether any publish was acked.
+    async fn settle(&mut self, first: Settled) -> Result<bool, Failure> {
+        let mut batch = vec![first];
+        self.drain_ready(&mut batch);
+        let mut barrier_failure = None;
+        if Core::needs_barrier(&batch) {
+            // After the round trip every return sent before these acks is in hand.
+            if let Err(f) = self.publisher.barrier().await {
+                barrier_failure = Some(f);
+            }
+            self.drain_ready(&mut batch);
+        }
+        let settlement = self.core.settle(batch, barrier_failure, now_ms());
+        self.apply(settlement.decisions).await;
+        match settlement.failure {
+            Some(f) => Err(f),
+            None => Ok(settlement.any_ack),
+        }
+    }
+
+    fn drain_ready(&mut self, batch: &mut Vec<Settled>) {
+        while let Some(s) = self.publisher.ready_settled() {
+            batch.push(s);
         }
     }
 
     /// A channel or connection failure with messages outstanding. `Ok` = carry on with a fresh
     /// channel on the same connection; `Err` = the session is over.
-    async fn on_failure(
-        &mut self,
-        conn: &Connection,
-        channel: &mut Channel,
-        failure: Failure,
-    ) -> Result<(), SessionEnd> {
-        let text = failure.describe();
-        self.shared.set_error(text.clone());
-        if let Failure::Connection(reason) = failure {
-            return Err(SessionEnd::Lost(reason));
+    async fn on_failure(&mut self, failure: Failure) -> Result<(), SessionEnd> {
+        let decisions = self.core.on_channel_failure(&failure, now_ms());
+        let suspects = decisions.len();
+        self.apply(decisions).await;
+        match failure {
+            Failure::ChannelClosed { .. } => {}
+            // A topology problem ends the session: the next connect checks the topology again
+            // (with backoff) and reports it.
+            other => return Err(SessionEnd::Lost(other)),
         }
-        let suspects: Vec<MessageId> = self.inflight.keys().copied().collect();
-        warn!(error = %text, suspects = suspects.len(), "channel_closed");
-        let culprit = match suspects.as_slice() {
-            [only] => self.inflight.remove(only),
-            _ => None,
-        };
-        self.unlease_all();
-        match culprit {
-            Some(m) if failure.is_refusal() => {
-                Shared::bump(&self.shared.failed_attempts);
-                self.hold(m.record.id, HoldReason::Refused, &text).await;
-            }
-            Some(m) => self.fail_attempt(&m.record, &text).await,
-            None => {
-                self.probe_remaining = self.probe_remaining.max(suspects.len());
-                info!(
-                    count = self.probe_remaining,
-                    "probing_messages_one_at_a_time"
-                );
-            }
+        self.shared.set_error(failure.describe());
+        warn!(error = %failure.describe(), suspects, "channel_closed");
+        if self.core.probing() > 0 {
+            info!(
+                count = self.core.probing(),
+                "probing_messages_one_at_a_time"
+            );
         }
-        match amqp::open_channel(conn, &self.cfg).await {
-            Ok(ch) => {
-                *channel = ch;
-                Ok(())
-            }
-            Err(e) => Err(SessionEnd::Lost(format!("cannot reopen channel: {e}"))),
+        match self.publisher.reopen_channel().await {
+            Ok(()) => Ok(()),
+            Err(f) => Err(SessionEnd::Lost(f)),
         }
     }
 }
@@ -845,3 +736,6 @@ async fn sleep_until_opt(t: Option<Instant>) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests;

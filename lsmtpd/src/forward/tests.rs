@@ -1,0 +1,402 @@
+//! The forwarder's shell against the in-memory broker and a real (temporary) spool: every rule
+//! of the core, end to end through the task, without RabbitMQ.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+
+use super::memory::{MemoryBroker, Script};
+use super::publisher::Failure;
+use super::*;
+use crate::config::SpoolConfig;
+use crate::spool::{HoldReason, NewMessage, Record, State};
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+struct Rig {
+    broker: MemoryBroker,
+    spool: Spool,
+    handle: Option<ForwarderHandle>,
+    token: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+fn config() -> AmqpConfig {
+    let mut cfg = AmqpConfig {
+        max_in_flight: 16,
+        confirm_timeout: Duration::from_secs(30),
+        ..AmqpConfig::default()
+    };
+    cfg.reconnect.initial = Duration::from_millis(5);
+    cfg.reconnect.max = Duration::from_millis(20);
+    cfg.retry.initial = Duration::from_millis(5);
+    cfg.retry.max = Duration::from_millis(10);
+    cfg
+}
+
+impl Rig {
+    fn new() -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(&SpoolConfig {
+            dir: dir.path().join("spool"),
+            cache_bytes: 1024 * 1024,
+            min_free_disk_bytes: 0,
+            ..SpoolConfig::default()
+        })
+        .unwrap();
+        Rig {
+            broker: MemoryBroker::new(),
+            spool,
+            handle: None,
+            token: CancellationToken::new(),
+            _dir: dir,
+        }
+    }
+
+    fn start(&mut self, cfg: AmqpConfig) {
+        self.handle = Some(Forwarder::spawn_with(
+            self.broker.publisher(),
+            Arc::new(cfg),
+            self.spool.clone(),
+            self.token.clone(),
+            Latency::off(),
+        ));
+    }
+
+    fn status(&self) -> BrokerStatus {
+        self.handle.as_ref().unwrap().status()
+    }
+
+    async fn accept(&self, n: usize, tag: &str) -> Vec<MessageId> {
+        let mut ids = Vec::new();
+        for i in 0..n {
+            let m = NewMessage {
+                id: MessageId::new_v7(),
+                received_at_ms: now_ms(),
+                client_ip: "192.0.2.1".parse().unwrap(),
+                helo: "client.test".into(),
+                tls: false,
+                auth_user: None,
+                mail_from: "a@test".into(),
+                rcpt_to: vec![format!("r{i}@test")],
+                body: Bytes::from(format!("Subject: {tag} {i}\r\n\r\n{tag}\r\n")),
+            };
+            ids.push(m.id);
+            self.spool.accept(m).await.unwrap();
+        }
+        ids
+    }
+
+    fn records(&self) -> Vec<Record> {
+        self.spool
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|(r, _)| r)
+            .collect()
+    }
+
+    async fn stop(mut self) {
+        self.token.cancel();
+        if let Some(h) = self.handle.take() {
+            h.join(Duration::from_secs(5)).await;
+        }
+    }
+}
+
+/// Waits for a condition on the spool or the status, which have no change notification.
+async fn eventually(mut check: impl FnMut() -> bool) -> bool {
+    let until = tokio::time::Instant::now() + LIMIT;
+    while tokio::time::Instant::now() < until {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    check()
+}
+
+fn delivered_ids(broker: &MemoryBroker) -> Vec<MessageId> {
+    let mut v: Vec<MessageId> = broker.delivered().iter().map(|p| p.copy.0).collect();
+    v.sort();
+    v
+}
+
+fn sorted(mut v: Vec<MessageId>) -> Vec<MessageId> {
+    v.sort();
+    v
+}
+
+fn exchange_missing() -> Failure {
+    Failure::Topology {
+        code: 404,
+        text: "NOT_FOUND - no exchange 'mail' in vhost 'v'".into(),
+    }
+}
+
+#[tokio::test]
+async fn every_message_is_delivered_once_and_leaves_the_spool() {
+    let mut rig = Rig::new();
+    let ids = rig.accept(40, "plain").await;
+    rig.start(config());
+    assert!(
+        rig.broker
+            .wait_until(LIMIT, |b| b.delivered().len() >= 40)
+            .await
+    );
+    assert!(eventually(|| rig.records().is_empty()).await);
+    assert_eq!(delivered_ids(&rig.broker), sorted(ids));
+    // The status is mirrored after the spool is told.
+    assert!(eventually(|| rig.status().confirmed == 40).await);
+    let s = rig.status();
+    assert_eq!((s.published, s.confirmed, s.failed_attempts), (40, 40, 0));
+    assert!(
+        rig.broker.barriers() >= 1,
+        "acks are trusted only after a barrier"
+    );
+    rig.stop().await;
+}
+
+#[tokio::test]
+async fn a_topology_error_at_connect_is_reported_and_mail_waits_until_it_is_fixed() {
+    let mut rig = Rig::new();
+    rig.broker.refuse_connect(Some(exchange_missing()));
+    let ids = rig.accept(3, "waiting").await;
+    rig.start(config());
+    assert!(
+        rig.broker
+            .wait_until(LIMIT, |b| b.connect_attempts() >= 4)
+            .await
+    );
+    let s = rig.status();
+    let shown = s.topology_error.clone().unwrap_or_default();
+    assert!(shown.contains("NOT_FOUND - no exchange 'mail'"), "{s:?}");
+    assert_eq!(s.connected_node, None);
+    assert!(s.topology_errors >= 3, "{s:?}");
+    assert_eq!(s.failed_attempts, 0);
+    // Still accepted and spooled meanwhile, no attempt counted.
+    let more = rig.accept(2, "meanwhile").await;
+    assert!(rig.records().iter().all(|r| r.attempts == 0));
+    assert_eq!(rig.records().len(), 5);
+    // Fixed by the operator: delivered, and the status says so.
+    rig.broker.refuse_connect(None);
+    assert!(
+        rig.broker
+            .wait_until(LIMIT, |b| b.delivered().len() >= 5)
+            .await
+    );
+    assert!(eventually(|| rig.records().is_empty()).await);
+    assert!(eventually(|| rig.status().topology_error.is_none()).await);
+    assert_eq!(
+        delivered_ids(&rig.broker),
+        sorted(ids.into_iter().chain(more).collect())
+    );
+    rig.stop().await;
+}
+
+#[tokio::test]
+async fn an_exchange_deleted_under_us_counts_no_attempt_and_holds_nobody() {
+    let mut rig = Rig::new();
+    let closes = Arc::new(AtomicUsize::new(0));
+    let c = Arc::clone(&closes);
+    // The first publishes of each of the first three connections hit a deleted exchange.
+    rig.broker.set_rule(move |_| {
+        if c.fetch_add(1, Ordering::SeqCst) < 3 {
+            Script::CloseChannel(404, "NOT_FOUND - no exchange 'mail' in vhost 'v'".into())
+        } else {
+            Script::Ack
+        }
+    });
+    let ids = rig.accept(10, "deleted").await;
+    let mut cfg = config();
+    cfg.retry.max_attempts = 1; // one counted attempt would hold a message
+    rig.start(cfg);
+    assert!(
+        rig.broker
+            .wait_until(LIMIT, |b| b.delivered().len() >= 10)
+            .await
+    );
+    assert!(eventually(|| rig.records().is_empty()).await);
+    assert_eq!(delivered_ids(&rig.broker), sorted(ids));
+    let s = rig.status();
+    assert_eq!(s.failed_attempts, 0, "{s:?}");
+    assert!(s.topology_errors >= 1, "{s:?}");
+    assert!(rig.broker.connects() >= 2, "the session is set up again");
+    rig.stop().await;
+}
+
+#[tokio::test]
+async fn an_outage_never_counts_as_an_attempt() {
+    let mut rig = Rig::new();
+    let drops = Arc::new(AtomicUsize::new(0));
+    let d = Arc::clone(&drops);
+    rig.broker.set_rule(move |_| {
+        // Twice, each time with unsettled publishes on the connection.
+        if matches!(d.fetch_add(1, Ordering::SeqCst), 3 | 20) {
+            Script::Drop
+        } else {
+            Script::Ack
+        }
+    });
+    let ids = rig.accept(30, "outage").await;
+    let mut cfg = config();
+    cfg.retry.max_attempts = 1;
+    rig.start(cfg);
+    assert!(
+        eventually(|| rig.records().is_empty()).await,
+        "{:?}",
+        rig.records()
+    );
+    let mut got = delivered_ids(&rig.broker);
+    got.dedup();
+    assert_eq!(got, sorted(ids));
+    let s = rig.status();
+    assert_eq!(s.failed_attempts, 0, "{s:?}");
+    assert!(s.connection_failures >= 1, "{s:?}");
+    assert_eq!(s.topology_errors, 0);
+    rig.stop().await;
+}
+
+#[tokio::test]
+async fn a_poison_message_in_a_full_window_is_found_and_only_it_is_held() {
+    let mut rig = Rig::new();
+    rig.broker.set_rule(|p| {
+        if p.body.windows(6).any(|w| w == b"poison") {
+            Script::CloseChannel(
+                406,
+                "PRECONDITION_FAILED - message size 200 is larger than configured max size 100"
+                    .into(),
+            )
+        } else {
+            Script::Ack
+        }
+    });
+    rig.broker.set_auto_settle(false);
+    let good = rig.accept(3, "good").await;
+    let poison = rig.accept(1, "poison").await;
+    let more = rig.accept(3, "fine").await;
+    rig.start(config());
+    // The whole window is out before the broker says anything.
+    assert!(rig.broker.wait_until(LIMIT, |b| b.unsettled() == 7).await);
+    rig.broker.set_auto_settle(true);
+    rig.broker.settle_all();
+    assert!(
+        eventually(|| rig.records().len() == 1
+            && matches!(
+                rig.records()[0].state,
+                State::Held {
+                    reason: HoldReason::Refused,
+                    ..
+                }
+            ))
+        .await,
+        "{:?}",
+        rig.records()
+    );
+    assert_eq!(rig.records()[0].id, poison[0]);
+    let mut got = delivered_ids(&rig.broker);
+    got.dedup();
+    assert_eq!(got, sorted(good.into_iter().chain(more).collect()));
+    assert!(eventually(|| rig.status().refused == 1).await);
+    let s = rig.status();
+    assert_eq!((s.failed_attempts, s.refused), (1, 1), "{s:?}");
+    assert!(
+        rig.broker.reopened_channels() >= 2,
+        "probing reopens after each close"
+    );
+    rig.stop().await;
+}
+
+#[tokio::test]
+async fn a_returned_message_is_deferred_with_one_attempt_and_the_others_delivered() {
+    let mut rig = Rig::new();
+    rig.broker.set_rule(|p| {
+        if p.body.windows(8).any(|w| w == b"nowhere ") {
+            Script::Return
+        } else {
+            Script::Ack
+        }
+    });
+    let ok = rig.accept(5, "routed").await;
+    let lost = rig.accept(1, "nowhere").await;
+    let mut cfg = config();
+    cfg.retry.initial = Duration::from_secs(3600);
+    cfg.retry.max = Duration::from_secs(3600);
+    rig.start(cfg);
+    assert!(
+        eventually(
+            || rig.records().len() == 1 && matches!(rig.records()[0].state, State::Deferred { .. })
+        )
+        .await,
+        "{:?}",
+        rig.records()
+    );
+    let r = &rig.records()[0];
+    assert_eq!(r.id, lost[0]);
+    assert_eq!(r.attempts, 1);
+    assert!(
+        r.last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("312 NO_ROUTE"),
+        "{r:?}"
+    );
+    assert_eq!(delivered_ids(&rig.broker), sorted(ok));
+    assert!(eventually(|| rig.status().returned == 1).await);
+    rig.stop().await;
+}
+
+#[tokio::test]
+async fn a_message_whose_header_cannot_fit_is_held_and_nothing_of_it_is_sent() {
+    let mut rig = Rig::new();
+    rig.broker.set_max_header(Some(3));
+    let ids = rig.accept(2, "big").await; // recipients "r0@test", "r1@test": 7 bytes each
+    rig.start(config());
+    assert!(
+        eventually(|| rig.records().len() == 2
+            && rig.records().iter().all(|r| matches!(
+                r.state,
+                State::Held {
+                    reason: HoldReason::HeaderTooLarge,
+                    ..
+                }
+            )))
+        .await,
+        "{:?}",
+        rig.records()
+    );
+    assert!(rig.broker.published().is_empty());
+    assert!(eventually(|| rig.status().refused == 2).await);
+    assert_eq!(rig.status().failed_attempts, 0);
+    assert_eq!(
+        sorted(rig.records().iter().map(|r| r.id).collect()),
+        sorted(ids)
+    );
+    rig.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_gives_unconfirmed_mail_back_to_the_spool() {
+    let mut rig = Rig::new();
+    rig.broker.set_auto_settle(false);
+    let ids = rig.accept(4, "unconfirmed").await;
+    rig.start(config());
+    assert!(rig.broker.wait_until(LIMIT, |b| b.unsettled() == 4).await);
+    rig.token.cancel();
+    let handle = rig.handle.take().unwrap();
+    handle.join(Duration::from_millis(50)).await;
+    let recs = rig.records();
+    assert_eq!(
+        sorted(recs.iter().map(|r| r.id).collect()),
+        sorted(ids.clone())
+    );
+    for id in ids {
+        assert!(!rig.spool.is_leased(id), "given back");
+    }
+    assert!(recs.iter().all(|r| r.attempts == 0));
+}
