@@ -83,6 +83,13 @@ struct Args {
     /// The broker, without vhost (a fresh vhost is created per run with rabbitmqctl).
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672")]
     amqp: String,
+    /// Settings spliced into the `smtp:` section, e.g. "memory_budget_bytes: 16777216," (to try
+    /// a configuration; the scenario is the default configuration, so leave it empty).
+    #[arg(long, default_value = "")]
+    smtp: String,
+    /// Settings spliced into the `amqp:` section, e.g. "max_in_flight: 4,".
+    #[arg(long, default_value = "")]
+    amqp_settings: String,
     /// Give up on a load (and stop lsmtp-bench) after this long.
     #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
     load_timeout: Duration,
@@ -196,6 +203,8 @@ struct Figures {
     oom_kills: u64,
     daemon_survived: bool,
     exit: String,
+    /// `message_spooled` lines in the daemon's log so far (messages that got 250).
+    spooled: usize,
     target_mib: f64,
     target_met: bool,
     elapsed_s: f64,
@@ -254,6 +263,7 @@ async fn main() -> Result<()> {
                     oom_kills: 0,
                     daemon_survived: false,
                     exit: "error".into(),
+                    spooled: 0,
                     target_mib: sc.target_mib,
                     target_met: false,
                     elapsed_s: 0.0,
@@ -263,10 +273,12 @@ async fn main() -> Result<()> {
         }
     }
     println!(
-        "lsmtpd {} in a {:.0} MiB memory cgroup, cpuset {}; load average at the end: {}",
+        "lsmtpd {} in a {:.0} MiB memory cgroup, cpuset {}; settings beyond the defaults: smtp ({}) amqp ({}); load average at the end: {}",
         lsmtpd.display(),
         args.memory_limit as f64 / MIB,
         args.cpus,
+        args.smtp,
+        args.amqp_settings,
         std::fs::read_to_string("/proc/loadavg")
             .unwrap_or_default()
             .split_whitespace()
@@ -280,6 +292,8 @@ async fn main() -> Result<()> {
         "memory_limit_bytes": args.memory_limit,
         "cpus": args.cpus,
         "config_differs_from_defaults": "smtp.listen 127.0.0.1:0, spool.dir, admin.socket, amqp.vhost, amqp.routing_key; backlog: amqp.nodes = a refusing-then-forwarding proxy",
+        "smtp_settings": args.smtp,
+        "amqp_settings": args.amqp_settings,
         "results": all,
     });
     if let Some(path) = &args.json {
@@ -340,12 +354,19 @@ fn table(all: &[Figures]) -> String {
 fn load_summary(f: &Figures) -> String {
     let l = &f.load;
     if let Some(e) = l.get("error") {
-        return format!("**{}**", e.as_str().unwrap_or("error"));
+        return format!(
+            "**{}**; {} messages had got 250",
+            e.as_str().unwrap_or("error"),
+            f.spooled
+        );
     }
     if let Some(arrived) = l.get("arrived") {
         return format!(
-            "{arrived} of {} at the broker in {:.1} s, duplicates {}",
-            l["expected"], l["drain_s"], l["duplicates"]
+            "{arrived} of {} at the broker in {:.1} s (after {:.1} s to reconnect), duplicates {}",
+            l["expected"],
+            l["drain_s"].as_f64().unwrap_or(0.0),
+            l["reconnect_s"].as_f64().unwrap_or(0.0),
+            l["duplicates"]
         );
     }
     let replies = l
@@ -696,10 +717,12 @@ async fn run(args: &Args, lsmtpd: &Path, bench: &Path, sc: &Scenario) -> Result<
         .map(|p| format!("nodes: [{:?}], ", p.node()))
         .unwrap_or_default();
     let config = format!(
-        "// The default configuration; only what isolates this run differs.\n(\n    smtp: (listen: [\"127.0.0.1:0\"]),\n    spool: (dir: {spool:?}),\n    amqp: ({nodes}vhost: {vhost:?}, routing_key: {queue:?}),\n    admin: (socket: {sock:?}),\n)\n",
+        "// The default configuration; only what isolates this run differs (and --smtp, \n// --amqp-settings if given).\n(\n    smtp: (listen: [\"127.0.0.1:0\"], {smtp}),\n    spool: (dir: {spool:?}),\n    amqp: ({nodes}vhost: {vhost:?}, routing_key: {queue:?}, {amqp}),\n    admin: (socket: {sock:?}),\n)\n",
         spool = scratch.dir.join("spool").display().to_string(),
         sock = scratch.dir.join("lsmtpd.sock").display().to_string(),
         vhost = vhost.0,
+        smtp = args.smtp,
+        amqp = args.amqp_settings,
     );
     let config_path = scratch.dir.join("lsmtpd.ron");
     std::fs::write(&config_path, &config)?;
@@ -870,6 +893,7 @@ fn collect(
         oom_kills,
         daemon_survived: alive,
         exit: String::new(),
+        spooled: daemon.log_text().matches("message_spooled").count(),
         target_mib: sc.target_mib,
         target_met,
         elapsed_s: started.elapsed().as_secs_f64(),
