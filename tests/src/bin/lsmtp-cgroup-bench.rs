@@ -635,16 +635,31 @@ impl Daemon {
     }
 
     /// Waits until the log holds `needle` (the daemon logs as it goes); fails if the daemon
-    /// exits first or `limit` passes. Returns the log.
+    /// exits first or `limit` passes. Returns the log. Reads only what was added since the last
+    /// look (the backlog's log grows to tens of MB).
     async fn wait_for_log(&mut self, needle: &str, limit: Duration) -> Result<String> {
+        use std::io::Read as _;
         let deadline = Instant::now() + limit;
+        let mut file = std::fs::File::open(&self.log)?;
+        let mut tail = String::new();
         loop {
-            let text = self.log_text();
-            if text.contains(needle) {
-                return Ok(text);
+            let mut added = Vec::new();
+            file.read_to_end(&mut added)?;
+            tail.push_str(&String::from_utf8_lossy(&added));
+            if tail.contains(needle) {
+                return Ok(self.log_text());
             }
+            // Keep enough for a needle cut in two by a read.
+            let keep = tail.len().saturating_sub(needle.len());
+            let cut = (keep..=tail.len())
+                .find(|&i| tail.is_char_boundary(i))
+                .unwrap_or(tail.len());
+            tail.drain(..cut);
             if let Some(status) = self.child.try_wait()? {
-                bail!("lsmtpd exited ({status}) before logging {needle}; log:\n{text}");
+                bail!(
+                    "lsmtpd exited ({status}) before logging {needle}; log:\n{}",
+                    self.log_text()
+                );
             }
             if Instant::now() > deadline {
                 bail!("lsmtpd did not log {needle} within {limit:?}");
