@@ -509,17 +509,22 @@ impl Drop for Cgroups {
 /// This process's cgroup directory of `controller` (from /proc/self/cgroup).
 fn own_cgroup(root: &Path, controller: &str) -> Result<PathBuf> {
     let text = std::fs::read_to_string("/proc/self/cgroup")?;
-    let rel = text
-        .lines()
-        .find_map(|l| {
-            let mut parts = l.splitn(3, ':');
-            let (_, ctrls, path) = (parts.next()?, parts.next()?, parts.next()?);
-            ctrls.split(',').any(|c| c == controller).then_some(path)
-        })
-        .with_context(|| format!("no cgroup v1 {controller} controller in /proc/self/cgroup"))?;
-    Ok(root
-        .join(controller)
-        .join(rel.trim_start_matches('/').trim_end()))
+    cgroup_dir(&text, root, controller)
+        .with_context(|| format!("no cgroup v1 {controller} controller in /proc/self/cgroup"))
+}
+
+/// The directory of `controller`'s cgroup under `root`, from a /proc/PID/cgroup text
+/// (`ID:controllers:path` lines; the v2 line `0::path` names no controller). Pure.
+fn cgroup_dir(proc_cgroup: &str, root: &Path, controller: &str) -> Option<PathBuf> {
+    let rel = proc_cgroup.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, ctrls, path) = (parts.next()?, parts.next()?, parts.next()?);
+        ctrls.split(',').any(|c| c == controller).then_some(path)
+    })?;
+    Some(
+        root.join(controller)
+            .join(rel.trim_start_matches('/').trim_end()),
+    )
 }
 
 fn write(path: &Path, value: &str) -> Result<()> {
@@ -993,4 +998,43 @@ async fn drain(
         "drain_s": drain_s,
         "per_s": seen.len() as f64 / drain_s.max(1e-9),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PROC_CGROUP: &str =
+        "9:name=systemd:/\n4:memory:/process_api/abc\n3:cpuset:/\n1:cpu,cpuacct:/x\n0::/\n";
+
+    #[test]
+    fn the_daemons_cgroups_are_made_under_our_own() {
+        let root = Path::new("/sys/fs/cgroup");
+        assert_eq!(
+            cgroup_dir(PROC_CGROUP, root, "memory"),
+            Some(PathBuf::from("/sys/fs/cgroup/memory/process_api/abc"))
+        );
+        assert_eq!(
+            cgroup_dir(PROC_CGROUP, root, "cpuset"),
+            Some(PathBuf::from("/sys/fs/cgroup/cpuset"))
+        );
+        // A controller listed together with another one.
+        assert_eq!(
+            cgroup_dir(PROC_CGROUP, root, "cpuacct"),
+            Some(PathBuf::from("/sys/fs/cgroup/cpuacct/x"))
+        );
+        // Only a cgroup v2 line: no v1 memory controller to nest under.
+        assert_eq!(cgroup_dir("0::/user.slice\n", root, "memory"), None);
+    }
+
+    #[test]
+    fn memory_stat_fields_are_read_by_their_exact_name() {
+        // Names that contain "rss" come first: only the exact name may match.
+        let stat = "rss_huge 0\ntotal_rss 16384\ncache 4096\nrss 8192\n";
+        assert_eq!(stat_field(stat, "rss"), Some(8192));
+        assert_eq!(stat_field(stat, "cache"), Some(4096));
+        assert_eq!(stat_field(stat, "mapped_file"), None);
+        let oom = "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n";
+        assert_eq!(stat_field(oom, "oom_kill"), Some(1));
+    }
 }
