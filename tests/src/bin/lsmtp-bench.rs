@@ -101,6 +101,7 @@ struct Shared {
     done: AtomicU64,
 }
 
+#[derive(Default)]
 struct ClientResult {
     ids: Vec<String>,
     latencies_us: Vec<u64>,
@@ -133,7 +134,9 @@ async fn main() -> Result<()> {
     let shared = Arc::new(Shared::default());
     let cpu_before = args.pid.map(proc_cpu_us).transpose()?;
     let consumer = match (&args.amqp, &args.queue) {
-        (Some(uri), Some(queue)) => Some(start_consumer(uri, queue).await?),
+        (Some(uri), Some(queue)) => {
+            Some(lsmtp_e2e::consume_message_ids(uri, queue, "lsmtp-bench").await?)
+        }
         _ => None,
     };
     let started = Instant::now();
@@ -284,47 +287,6 @@ struct EndToEnd {
     duplicates: usize,
 }
 
-/// Consumes `queue` (auto-ack) and forwards each message id with its arrival time.
-async fn start_consumer(
-    uri: &str,
-    queue: &str,
-) -> Result<tokio::sync::mpsc::UnboundedReceiver<(String, Instant)>> {
-    use futures_util::StreamExt;
-    use lapin::options::BasicConsumeOptions;
-    let conn = lapin::Connection::connect(uri, lapin::ConnectionProperties::default())
-        .await
-        .with_context(|| format!("cannot connect to {uri}"))?;
-    let ch = conn.create_channel().await?;
-    let mut consumer = ch
-        .basic_consume(
-            queue.into(),
-            "lsmtp-bench".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            Default::default(),
-        )
-        .await
-        .with_context(|| format!("cannot consume from {queue}"))?;
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let _keep = (conn, ch);
-        while let Some(Ok(delivery)) = consumer.next().await {
-            let id = delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|s| s.to_string())
-                .unwrap_or_default();
-            if tx.send((id, Instant::now())).is_err() {
-                break;
-            }
-        }
-    });
-    Ok(rx)
-}
-
 /// Waits until every accepted id arrived (or the timeout), then counts lost and duplicates.
 async fn wait_for_broker(
     mut rx: tokio::sync::mpsc::UnboundedReceiver<(String, Instant)>,
@@ -460,12 +422,7 @@ async fn idle(
     all_open: Arc<tokio::sync::Barrier>,
     hold: Duration,
 ) -> ClientResult {
-    let mut res = ClientResult {
-        ids: Vec::new(),
-        latencies_us: Vec::new(),
-        codes: BTreeMap::new(),
-        errors: 0,
-    };
+    let mut res = ClientResult::default();
     let t = Instant::now();
     let opened = open(&args, tls.as_deref()).await;
     shared.done.fetch_add(1, Ordering::Relaxed);
@@ -488,12 +445,7 @@ async fn idle(
 }
 
 async fn connect_only(args: Args, tls: Option<Arc<Tls>>, shared: Arc<Shared>) -> ClientResult {
-    let mut res = ClientResult {
-        ids: Vec::new(),
-        latencies_us: Vec::new(),
-        codes: BTreeMap::new(),
-        errors: 0,
-    };
+    let mut res = ClientResult::default();
     while shared.next.fetch_add(1, Ordering::Relaxed) < args.messages {
         let t = Instant::now();
         match open(&args, tls.as_deref()).await {
@@ -518,12 +470,7 @@ async fn client(
     tls: Option<Arc<Tls>>,
     shared: Arc<Shared>,
 ) -> ClientResult {
-    let mut res = ClientResult {
-        ids: Vec::new(),
-        latencies_us: Vec::new(),
-        codes: BTreeMap::new(),
-        errors: 0,
-    };
+    let mut res = ClientResult::default();
     let rcpts: Vec<String> = (0..args.recipients)
         .map(|i| format!("sink{i}@example.net"))
         .collect();

@@ -30,7 +30,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use futures_util::StreamExt as _;
 use lsmtp_e2e::amqp::{Mode, Proxy};
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -952,44 +951,22 @@ async fn drain(
         .wait_for_log("broker_connected", Duration::from_secs(120))
         .await?;
     let reconnect_s = t0.elapsed().as_secs_f64();
-    let conn = lapin::Connection::connect(uri, lapin::ConnectionProperties::default())
-        .await
-        .with_context(|| format!("cannot connect to {uri}"))?;
-    let ch = conn.create_channel().await?;
-    let mut consumer = ch
-        .basic_consume(
-            queue.into(),
-            "lsmtp-cgroup-bench".into(),
-            lapin::options::BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            Default::default(),
-        )
-        .await
-        .with_context(|| format!("cannot consume from {queue}"))?;
+    let mut ids = lsmtp_e2e::consume_message_ids(uri, queue, "lsmtp-cgroup-bench").await?;
     let mut seen = HashSet::new();
     let mut duplicates = 0u64;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(1800);
     while (seen.len() as u64) < expected {
-        match tokio::time::timeout_at(deadline, consumer.next()).await {
-            Ok(Some(Ok(delivery))) => {
-                let id = delivery
-                    .properties
-                    .message_id()
-                    .as_ref()
-                    .map(|s| s.to_string())
-                    .unwrap_or_default();
+        match tokio::time::timeout_at(deadline, ids.recv()).await {
+            Ok(Some((id, _))) => {
                 if !seen.insert(id) {
                     duplicates += 1;
                 }
             }
-            Ok(Some(Err(e))) => bail!("consumer: {e}"),
-            Ok(None) | Err(_) => break,
+            Ok(None) => bail!("the consumer stopped (connection lost?)"),
+            Err(_) => break,
         }
     }
     let drain_s = t0.elapsed().as_secs_f64() - reconnect_s;
-    let _ = conn.close(200, "done".into()).await;
     Ok(serde_json::json!({
         "expected": expected,
         "arrived": seen.len(),
