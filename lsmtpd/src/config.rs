@@ -197,18 +197,52 @@ pub struct MetricsConfig {
     pub listen: Option<SocketAddr>,
 }
 
-/// Logging to stderr.
+/// Logging to stderr, or to journald's native protocol when stderr is the journal.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
     /// A tracing filter such as "info" or "lsmtpd=debug". `RUST_LOG` overrides it.
     pub level: String,
+    /// How lines on stderr look: `Text` (for people) or `Json` (one object per line, for log
+    /// shippers). Default `Text`.
+    pub format: LogFormat,
+    /// When `JOURNAL_STREAM` says stderr is connected to journald (systemd sets it), send each
+    /// event to journald's native socket instead, with its fields as journal fields (`MSG_ID`,
+    /// `SENDER`, ...). Default true; `false` keeps `format` on stderr under systemd too.
+    pub journald: bool,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             level: "info".to_string(),
+            format: LogFormat::Text,
+            journald: true,
+        }
+    }
+}
+
+/// `log.format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum LogFormat {
+    /// `2026-12-04T15:00:00.123Z  INFO session{peer=…}: lsmtpd::smtp::session: message_spooled
+    /// msg_id=… sender=…`
+    #[default]
+    Text,
+    /// `{"timestamp":…,"level":"INFO","message":"message_spooled","msg_id":…,"target":…,
+    /// "span":{"name":"session","peer":…}}`, one object per line.
+    Json,
+}
+
+impl LogFormat {
+    /// Parses `LSMTPD_LOG_FORMAT` (case-insensitive `text` or `json`).
+    pub fn parse(v: &str) -> Option<LogFormat> {
+        if v.eq_ignore_ascii_case("text") {
+            Some(LogFormat::Text)
+        } else if v.eq_ignore_ascii_case("json") {
+            Some(LogFormat::Json)
+        } else {
+            None
         }
     }
 }
@@ -270,6 +304,7 @@ pub const ENV_VARS: &[&str] = &[
     "LSMTPD_SPOOL_DIR",
     "LSMTPD_ADMIN_SOCKET",
     "LSMTPD_LOG",
+    "LSMTPD_LOG_FORMAT",
     "LSMTPD_METRICS_LISTEN",
     "LSMTPD_TLS_CERT",
     "LSMTPD_TLS_KEY",
@@ -450,6 +485,15 @@ impl Config {
         }
         if let Some(v) = get("LSMTPD_LOG") {
             self.log.level = v;
+        }
+        if let Some(v) = get("LSMTPD_LOG_FORMAT") {
+            match LogFormat::parse(v.trim()) {
+                Some(f) => self.log.format = f,
+                None => problems.push(problem(
+                    "LSMTPD_LOG_FORMAT",
+                    format!("{v:?} is not a log format (text or json)"),
+                )),
+            }
         }
         if let Some(v) = get("LSMTPD_METRICS_LISTEN") {
             match v.parse::<SocketAddr>() {
@@ -791,6 +835,27 @@ mod tests {
             .unwrap_err();
         assert_eq!(errs[0].setting, "LSMTPD_METRICS_LISTEN");
         assert_eq!(c.metrics.listen, Some("[::1]:9100".parse().unwrap()));
+    }
+
+    #[test]
+    fn log_format_is_text_by_default_and_set_by_file_or_env() {
+        assert_eq!(Config::default().log.format, LogFormat::Text);
+        assert!(Config::default().log.journald);
+        let mut c = Config::from_ron("(log: (format: Json, journald: false))").unwrap();
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert!(!c.log.journald);
+        c.apply_env(&env_of(&[("LSMTPD_LOG_FORMAT", "TEXT")]))
+            .unwrap();
+        assert_eq!(c.log.format, LogFormat::Text);
+        c.apply_env(&env_of(&[("LSMTPD_LOG_FORMAT", "json")]))
+            .unwrap();
+        assert_eq!(c.log.format, LogFormat::Json);
+        let errs = c
+            .apply_env(&env_of(&[("LSMTPD_LOG_FORMAT", "logfmt")]))
+            .unwrap_err();
+        assert_eq!(errs[0].setting, "LSMTPD_LOG_FORMAT");
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert!(Config::from_ron("(log: (format: Yaml))").is_err());
     }
 
     #[test]

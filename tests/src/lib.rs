@@ -168,6 +168,11 @@ impl Lsmtpd {
         self.log.lock().map(|l| l.join("\n")).unwrap_or_default()
     }
 
+    /// The collected log, which outlives the process (for lines logged while it exits).
+    pub fn log_handle(&self) -> Arc<Mutex<Vec<String>>> {
+        Arc::clone(&self.log)
+    }
+
     /// The address of the first `<event> addr=...` line logged so far (e.g. `proxy_listening`).
     pub fn event_addr(&self, event: &str) -> Option<SocketAddr> {
         self.log
@@ -261,8 +266,16 @@ fn parse_listening(line: &str) -> Option<SocketAddr> {
 }
 
 /// Parses `... <event> addr=127.0.0.1:2525` from a log line; `event` must be a whole word, so
-/// `listening` does not match `metrics_listening`.
+/// `listening` does not match `metrics_listening`. A JSON line (`log.format: Json`) matches when
+/// its `message` is `event`.
 pub fn parse_event_addr(line: &str, event: &str) -> Option<SocketAddr> {
+    if line.starts_with('{') {
+        let v: serde_json::Value = serde_json::from_str(line).ok()?;
+        if v.get("message")?.as_str()? != event {
+            return None;
+        }
+        return v.get("addr")?.as_str()?.parse().ok();
+    }
     if !line.split_whitespace().any(|w| w == event) {
         return None;
     }
