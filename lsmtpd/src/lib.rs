@@ -170,7 +170,12 @@ impl Daemon {
                 })
             },
         });
-        let exporter = exporter.map(|e| e.start(Arc::clone(&admin_ctx)));
+        let limits = exporter::SpoolLimits {
+            dir: config.spool.dir.clone(),
+            max_bytes: config.spool.max_bytes,
+            min_free_disk_bytes: config.spool.min_free_disk_bytes,
+        };
+        let exporter = exporter.map(|e| e.start(Arc::clone(&admin_ctx), limits));
         let admin = admin_listener.start(admin_ctx, token);
         Ok(Daemon {
             smtp_addrs,
