@@ -12,7 +12,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, ExchangeKind};
 use lsmtp_e2e::amqp::*;
-use lsmtpd::forward::config::PayloadFormat;
+use lsmtpd::config::amqp::PayloadFormat;
 use lsmtpd::forward::Forwarder;
 use lsmtpd::spool::{HoldReason, State};
 use tokio_util::sync::CancellationToken;

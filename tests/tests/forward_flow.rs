@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use lapin::types::FieldTable;
 use lsmtp_e2e::amqp::*;
-use lsmtpd::forward::config::{PayloadFormat, RouteRule};
+use lsmtpd::config::amqp::{PayloadFormat, RouteRule};
 use lsmtpd::forward::payload::JsonPayload;
 use lsmtpd::forward::Forwarder;
 use tokio_util::sync::CancellationToken;
@@ -191,7 +191,7 @@ async fn throughput_of_4k_messages() {
 async fn declared_quorum_queue_receives_messages_on_an_empty_vhost() {
     let vhost = Vhost::new();
     let mut cfg = vhost.config(BROKER);
-    cfg.topology.queue_type = lsmtpd::forward::config::QueueType::Quorum;
+    cfg.topology.queue_type = lsmtpd::config::amqp::QueueType::Quorum;
     cfg.exchange = "mail".into();
     let spool = spool();
     spool.accept(message(1, &["a@test.example"])).await.unwrap();

@@ -35,9 +35,9 @@ use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ErrorKind, ExchangeKind};
 
-use super::config::{split_node, AmqpConfig, QueueType};
 use super::payload::HeaderValue;
 use super::route::Target;
+use crate::config::amqp::{split_node, AmqpConfig, QueueType};
 use crate::spool::{MessageId, Record};
 
 /// Header naming which of a message's targets a publish is (0-based), to attribute returns.

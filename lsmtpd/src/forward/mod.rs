@@ -37,7 +37,6 @@
 
 pub mod amqp;
 pub mod backoff;
-pub mod config;
 pub mod payload;
 pub mod route;
 
@@ -56,7 +55,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use self::amqp::Failure;
-use self::config::AmqpConfig;
+use crate::config::AmqpConfig;
 use crate::metrics::Latency;
 use crate::spool::{now_ms, HoldReason, Leased, MessageId, Record, Spool};
 

@@ -37,7 +37,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::config::PayloadFormat;
+use crate::config::amqp::PayloadFormat;
 use crate::spool::Record;
 
 /// A header value, kept free of lapin types so this module stays pure.

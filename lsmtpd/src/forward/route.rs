@@ -8,7 +8,7 @@
 //! leaves the spool only when every target has confirmed. Targets are listed in the order of
 //! their first recipient, so the target index of a message is stable across attempts.
 
-use super::config::RouteRule;
+use crate::config::amqp::RouteRule;
 
 /// Where one copy of a message is published, and for whom.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -26,89 +26,13 @@ use std::collections::HashSet;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use serde::{Deserialize, Serialize};
 
-use crate::config::Problem;
-use crate::smtp::wire::address::{is_valid_domain, Address};
+use crate::config::net::parse_networks;
+pub use crate::config::net::PolicyError;
+use crate::config::recipient::{normalize_domain, normalize_local, RecipientEntry};
+use crate::config::PolicyConfig;
 use crate::smtp::wire::command::ForwardPath;
 use crate::smtp::wire::reply::Reply;
-
-/// The `smtp.policy` section.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(default, deny_unknown_fields)]
-pub struct PolicyConfig {
-    /// Client networks that may send (CIDR such as "192.0.2.0/24" or "2001:db8::/32", or a
-    /// single address). Empty (the default): any client.
-    pub allowed_networks: Vec<String>,
-    /// Recipients we take mail for: domains ("example.org"), subdomain patterns
-    /// (".example.org") or addresses ("ops@example.org"). Empty (the default): any recipient.
-    pub allowed_recipients: Vec<String>,
-}
-
-impl PolicyConfig {
-    /// Adds a problem for every entry that does not parse, naming the setting.
-    pub fn validate(&self, problems: &mut Vec<Problem>) {
-        check_networks(
-            "smtp.policy.allowed_networks",
-            &self.allowed_networks,
-            problems,
-        );
-        for entry in &self.allowed_recipients {
-            if let Err(msg) = RecipientEntry::parse(entry) {
-                problems.push(Problem {
-                    setting: "smtp.policy.allowed_recipients".to_string(),
-                    message: format!("{entry:?} {msg}"),
-                });
-            }
-        }
-    }
-}
-
-/// Parses a network: CIDR (`10.0.0.0/8`, `2001:db8::/32`) or a single address (`192.0.2.1`,
-/// meaning /32 or /128). Host bits set below the prefix are ignored (`10.1.2.3/8` is `10.0.0.0/8`).
-pub fn parse_network(s: &str) -> Option<IpNet> {
-    let s = s.trim();
-    if let Ok(net) = s.parse::<IpNet>() {
-        return Some(canonical_net(net.trunc()));
-    }
-    s.parse::<IpAddr>()
-        .ok()
-        .map(|ip| IpNet::from(ip.to_canonical()))
-}
-
-/// An IPv4-mapped IPv6 network (`::ffff:10.0.0.0/104`) becomes the IPv4 network it means, since
-/// the listener reports IPv4-mapped peers as IPv4.
-fn canonical_net(net: IpNet) -> IpNet {
-    if let IpNet::V6(v6) = net {
-        if let (Some(v4), true) = (v6.addr().to_ipv4_mapped(), v6.prefix_len() >= 96) {
-            if let Ok(n) = ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96) {
-                return IpNet::V4(n);
-            }
-        }
-    }
-    net
-}
-
-/// Adds a problem for each entry of `list` that is not a network, naming `setting`.
-pub fn check_networks(setting: &str, list: &[String], problems: &mut Vec<Problem>) {
-    for entry in list {
-        if parse_network(entry).is_none() {
-            problems.push(Problem {
-                setting: setting.to_string(),
-                message: format!(
-                    "{entry:?} is not a network (CIDR such as 192.0.2.0/24 or 2001:db8::/32, or one address)"
-                ),
-            });
-        }
-    }
-}
-
-/// Parses a list that was validated with [`check_networks`]; a bad entry is an error naming it.
-pub fn parse_networks(list: &[String]) -> Result<Vec<IpNet>, PolicyError> {
-    list.iter()
-        .map(|e| parse_network(e).ok_or_else(|| PolicyError(e.clone())))
-        .collect()
-}
 
 /// A list of networks; `contains` is a linear scan (lists are short: a few entries).
 #[derive(Debug, Clone, Default)]
@@ -127,85 +51,6 @@ impl Networks {
         let ip = ip.to_canonical();
         self.0.iter().any(|n| n.contains(&ip))
     }
-}
-
-/// A configuration entry that did not parse (only possible when `validate` was skipped).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("bad policy entry {0:?}")]
-pub struct PolicyError(pub String);
-
-/// One `allowed_recipients` entry, normalized.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum RecipientEntry {
-    Domain(String),
-    Subdomains(String),
-    Address { local: String, domain: String },
-}
-
-impl RecipientEntry {
-    fn parse(entry: &str) -> Result<RecipientEntry, &'static str> {
-        let entry = entry.trim();
-        if entry.contains('@') {
-            let addr = Address::parse(entry)
-                .map_err(|_| "is not an address (expected local@domain, e.g. ops@example.org)")?;
-            let domain = normalize_domain(&addr.domain)
-                .ok_or("has a domain that is not a valid (internationalised) domain name")?;
-            return Ok(RecipientEntry::Address {
-                local: normalize_local(&addr.local),
-                domain,
-            });
-        }
-        let (pattern, name) = match entry.strip_prefix('.') {
-            Some(rest) => (true, rest),
-            None => (false, entry),
-        };
-        if !is_valid_domain(name) || name.starts_with('[') {
-            return Err("is not a domain (e.g. example.org, .example.org or ops@example.org)");
-        }
-        let domain =
-            normalize_domain(name).ok_or("is not a valid (internationalised) domain name")?;
-        Ok(if pattern {
-            RecipientEntry::Subdomains(domain)
-        } else {
-            RecipientEntry::Domain(domain)
-        })
-    }
-}
-
-/// The comparable form of a domain: lower case, A-labels (punycode) for internationalised names.
-/// Address literals (`[192.0.2.1]`) are kept, lower-cased. `None` when the name cannot be
-/// converted (then it matches nothing).
-fn normalize_domain(domain: &str) -> Option<String> {
-    if domain.starts_with('[') {
-        return Some(domain.to_ascii_lowercase());
-    }
-    if domain.is_ascii() {
-        return Some(domain.to_ascii_lowercase());
-    }
-    idna::domain_to_ascii(domain).ok()
-}
-
-/// The comparable form of a local part: unquoted when the quotes are not needed (backslash
-/// pairs resolved), then lower-cased (Unicode lower case, so UTF-8 local parts fold too).
-fn normalize_local(local: &str) -> String {
-    let unquoted = match local.strip_prefix('"').and_then(|l| l.strip_suffix('"')) {
-        Some(inner) => {
-            let mut out = String::with_capacity(inner.len());
-            let mut chars = inner.chars();
-            while let Some(c) = chars.next() {
-                if c == '\\' {
-                    if let Some(next) = chars.next() {
-                        out.push(next);
-                    }
-                } else {
-                    out.push(c);
-                }
-            }
-            out
-        }
-        None => local.to_string(),
-    };
-    unquoted.to_lowercase()
 }
 
 /// Why a recipient is refused.
@@ -358,6 +203,8 @@ impl Guard {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::config::net::parse_network;
+    use crate::smtp::wire::address::Address;
     use proptest::prelude::*;
 
     fn policy(nets: &[&str], rcpts: &[&str]) -> Policy {

@@ -26,11 +26,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt};
-
-use crate::config::Problem;
-use crate::smtp::policy::check_networks;
 
 /// The v2 signature (12 bytes).
 pub const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
@@ -41,67 +37,6 @@ pub const V1_MAX: usize = 107;
 pub const V2_MAX_PAYLOAD: usize = 4096;
 /// The shortest possible header: `PROXY UNKNOWN\r\n`.
 const MIN_HEADER: usize = 15;
-
-/// The `smtp.proxy_protocol` section.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ProxyConfig {
-    /// Extra listening addresses whose connections must start with a PROXY header (v1 or v2).
-    /// Default: none.
-    pub listen: Vec<SocketAddr>,
-    /// Peers allowed to send a PROXY header (CIDR or single addresses). Connections to a PROXY
-    /// listener from anywhere else are closed without a greeting. Required when `listen` is set.
-    pub trusted_proxies: Vec<String>,
-    /// How long a PROXY listener waits for the complete header.
-    #[serde(with = "humantime_serde")]
-    pub timeout: Duration,
-}
-
-impl Default for ProxyConfig {
-    fn default() -> Self {
-        ProxyConfig {
-            listen: Vec::new(),
-            trusted_proxies: Vec::new(),
-            timeout: Duration::from_secs(5),
-        }
-    }
-}
-
-impl ProxyConfig {
-    /// Adds a problem for each bad setting; `smtp_listen` are the normal listeners.
-    pub fn validate(&self, smtp_listen: &[SocketAddr], problems: &mut Vec<Problem>) {
-        let problem = |setting: &str, message: String| Problem {
-            setting: setting.to_string(),
-            message,
-        };
-        check_networks(
-            "smtp.proxy_protocol.trusted_proxies",
-            &self.trusted_proxies,
-            problems,
-        );
-        if !self.listen.is_empty() && self.trusted_proxies.is_empty() {
-            problems.push(problem(
-                "smtp.proxy_protocol.trusted_proxies",
-                "must name the load balancers' addresses when smtp.proxy_protocol.listen is set"
-                    .to_string(),
-            ));
-        }
-        for addr in &self.listen {
-            if addr.port() != 0 && smtp_listen.contains(addr) {
-                problems.push(problem(
-                    "smtp.proxy_protocol.listen",
-                    format!("{addr} is also in smtp.listen"),
-                ));
-            }
-        }
-        if self.timeout.is_zero() {
-            problems.push(problem(
-                "smtp.proxy_protocol.timeout",
-                "must be greater than 0".to_string(),
-            ));
-        }
-    }
-}
 
 /// What a header says about the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -396,6 +331,7 @@ pub fn encode_v1(header: &ProxyHeader) -> Vec<u8> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::config::ProxyConfig;
     use proptest::prelude::*;
 
     fn sa(s: &str) -> SocketAddr {

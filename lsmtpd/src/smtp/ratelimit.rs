@@ -18,10 +18,9 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
-
-use crate::config::Problem;
-use crate::smtp::policy::{check_networks, parse_networks, Networks, PolicyError};
+use crate::config::net::{parse_networks, PolicyError};
+use crate::config::LimitsConfig;
+use crate::smtp::policy::Networks;
 use crate::smtp::wire::reply::Reply;
 
 /// Most client IPs one limiter tracks at a time (about 64 bytes each).
@@ -29,45 +28,6 @@ pub const MAX_TRACKED_IPS: usize = 100_000;
 /// While the table is full of active entries, it is swept at most this often (ms), so a flood
 /// of new addresses costs no full scan per connection.
 const FULL_SWEEP_MS: u64 = 1_000;
-
-/// The `smtp.limits` section.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct LimitsConfig {
-    /// New connections per minute from one client IP; more get `421 4.7.0` and are closed.
-    /// 0 (the default): no limit.
-    pub connections_per_minute_per_ip: u32,
-    /// Transactions (accepted MAIL FROM commands) per minute from one client IP; more get
-    /// `451 4.7.1` at MAIL FROM. 0 (the default): no limit.
-    pub messages_per_minute_per_ip: u32,
-    /// Error replies (4xx/5xx to commands) one session may get before it is answered
-    /// `421 4.7.0 Too many errors` and closed; an accepted message resets the count. 0: no limit.
-    pub hard_error_limit: u32,
-    /// Client networks the per-minute rates do not apply to (CIDR or single addresses).
-    /// `max_connections_per_ip` and `hard_error_limit` still do. Default: none.
-    pub rate_limit_exempt: Vec<String>,
-}
-
-impl Default for LimitsConfig {
-    fn default() -> Self {
-        LimitsConfig {
-            connections_per_minute_per_ip: 0,
-            messages_per_minute_per_ip: 0,
-            hard_error_limit: 20,
-            rate_limit_exempt: Vec::new(),
-        }
-    }
-}
-
-impl LimitsConfig {
-    pub fn validate(&self, problems: &mut Vec<Problem>) {
-        check_networks(
-            "smtp.limits.rate_limit_exempt",
-            &self.rate_limit_exempt,
-            problems,
-        );
-    }
-}
 
 /// `421 4.7.0` to a connection over `connections_per_minute_per_ip`.
 pub fn connection_rate_reply() -> Reply {

@@ -29,7 +29,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::config::{BareNewline, SmtpConfig};
+use crate::config::SmtpConfig;
 use crate::metrics::Metrics;
 use crate::smtp::auth::{AuthPolicy, Credentials};
 use crate::smtp::auth_users::AuthUsers;
@@ -39,7 +39,7 @@ use crate::smtp::received::received_header;
 use crate::smtp::state::{Effect, Limits, Offer, SmtpState, Step};
 use crate::smtp::tls::{received_clause, MaybeTls, ServerTls};
 use crate::smtp::wire::command::{parse_command, Command};
-use crate::smtp::wire::data::{self, DataError, DataLimits, DotUnstuffer, Feed};
+use crate::smtp::wire::data::{DataError, DataLimits, DotUnstuffer, Feed};
 use crate::smtp::wire::line::{LineBuffer, LineError};
 use crate::smtp::wire::reply::Reply;
 use crate::spool::{now_ms, NewMessage, Spool, SpoolError};
@@ -517,10 +517,7 @@ where
         let mut reader = DotUnstuffer::new(DataLimits {
             max_bytes,
             max_line: self.ctx.config.max_line_bytes,
-            bare_newline: match self.ctx.config.bare_newline {
-                BareNewline::Reject => data::BareNewline::Reject,
-                BareNewline::Normalize => data::BareNewline::Normalize,
-            },
+            bare_newline: self.ctx.config.bare_newline,
         });
         // Bytes that arrived behind the DATA command are the body's first bytes.
         let mut pending = self.lines.take_buffered();

@@ -14,7 +14,6 @@
 //! that does not load never replaces a working one.
 
 use std::io;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
@@ -26,101 +25,11 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{ProtocolVersion, ServerConfig, ServerConnection};
-use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::Problem;
-
-/// The `smtp.tls` section. TLS is on when `cert_file` and `key_file` are set.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TlsConfig {
-    /// PEM file with the certificate chain, leaf first (env `LSMTPD_TLS_CERT`).
-    pub cert_file: Option<PathBuf>,
-    /// PEM file with the private key: PKCS#8, PKCS#1 (RSA) or SEC1 (EC) (env `LSMTPD_TLS_KEY`).
-    pub key_file: Option<PathBuf>,
-    /// Addresses of the implicit-TLS listener (RFC 8314, e.g. port 465): the handshake comes
-    /// before the greeting. Empty: none.
-    pub implicit_listen: Vec<SocketAddr>,
-    /// MAIL before STARTTLS gets `530 5.7.0 Must issue a STARTTLS command first`.
-    pub required: bool,
-    /// How long a TLS handshake (after STARTTLS, or on an implicit-TLS connection) may take.
-    #[serde(with = "humantime_serde")]
-    pub handshake_timeout: Duration,
-}
-
-impl Default for TlsConfig {
-    fn default() -> Self {
-        TlsConfig {
-            cert_file: None,
-            key_file: None,
-            implicit_listen: Vec::new(),
-            required: false,
-            handshake_timeout: Duration::from_secs(60),
-        }
-    }
-}
-
-impl TlsConfig {
-    /// True when a certificate is configured (STARTTLS is offered).
-    pub fn enabled(&self) -> bool {
-        self.cert_file.is_some() && self.key_file.is_some()
-    }
-
-    /// The pure rules: both files or neither; the implicit listener and `required` need a
-    /// certificate. The files themselves are checked by [`check_files`].
-    pub fn validate(&self, smtp_listen: &[SocketAddr], problems: &mut Vec<Problem>) {
-        let p = |setting: &str, message: &str| Problem {
-            setting: setting.to_string(),
-            message: message.to_string(),
-        };
-        match (&self.cert_file, &self.key_file) {
-            (Some(_), None) => problems.push(p(
-                "smtp.tls.key_file",
-                "is missing: cert_file and key_file go together",
-            )),
-            (None, Some(_)) => problems.push(p(
-                "smtp.tls.cert_file",
-                "is missing: cert_file and key_file go together",
-            )),
-            _ => {}
-        }
-        for (path, name) in [(&self.cert_file, "cert_file"), (&self.key_file, "key_file")] {
-            if path.as_ref().is_some_and(|f| f.as_os_str().is_empty()) {
-                problems.push(p(
-                    &format!("smtp.tls.{name}"),
-                    "must not be empty (use None for no TLS)",
-                ));
-            }
-        }
-        let has_cert = self.cert_file.is_some() || self.key_file.is_some();
-        if !self.implicit_listen.is_empty() && !has_cert {
-            problems.push(p(
-                "smtp.tls.implicit_listen",
-                "needs a certificate (smtp.tls.cert_file and key_file)",
-            ));
-        }
-        if self.required && !has_cert {
-            problems.push(p(
-                "smtp.tls.required",
-                "needs a certificate (smtp.tls.cert_file and key_file)",
-            ));
-        }
-        for addr in &self.implicit_listen {
-            if smtp_listen.contains(addr) && addr.port() != 0 {
-                problems.push(p(
-                    "smtp.tls.implicit_listen",
-                    &format!("{addr} is also in smtp.listen"),
-                ));
-            }
-        }
-        if self.handshake_timeout.is_zero() {
-            problems.push(p("smtp.tls.handshake_timeout", "must be greater than 0"));
-        }
-    }
-}
+use crate::config::{Problem, TlsConfig};
 
 /// Why a certificate or key could not be loaded. The message names the file.
 #[derive(Debug, thiserror::Error)]

@@ -17,13 +17,16 @@
 //! - Memory is bounded by the caller's `body` buffer, which never grows past
 //!   [`DataLimits::max_bytes`]; beyond that the unstuffer only counts.
 
-/// What to do with a bare CR or LF inside DATA (RFC 5321 2.3.8 forbids them).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// What to do with a bare CR or LF inside DATA (RFC 5321 2.3.8 forbids them); also the
+/// `smtp.bare_newline` setting.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum BareNewline {
-    /// Refuse the message (reply 550 5.6.0) once the terminator arrives. The default.
+    /// Refuse the message (reply 550 5.6.0) once the terminator arrives, like Postfix's
+    /// `smtpd_forbid_bare_newline = reject`. The default: it makes SMTP smuggling impossible.
     #[default]
     Reject,
-    /// Store each bare CR or bare LF as CRLF. The terminator is still only a real CRLF.CRLF.
+    /// Store each bare CR or bare LF as CRLF, for legacy senders. The terminator is still only a
+    /// real CRLF.CRLF.
     Normalize,
 }
 

@@ -1,4 +1,4 @@
-//! The `amqp:` section of the RON config: where and how the forwarder publishes.
+//! The `amqp:` section: where and how the forwarder publishes.
 //!
 //! Pure: parsing (serde) and [`AmqpConfig::validate`] do no I/O (TLS files are read at connect
 //! time). Every field has a default, so `amqp: ()` publishes to a local RabbitMQ as guest:
@@ -26,6 +26,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use super::Problem;
 
 /// How a message becomes an AMQP body. See [`crate::forward::payload`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -239,20 +241,24 @@ impl AmqpConfig {
         self.topology.queue.as_deref().unwrap_or(&self.routing_key)
     }
 
-    /// Pushes one message per problem, naming the setting as `amqp.<field>`.
-    pub fn validate(&self, problems: &mut Vec<String>) {
+    /// Pushes one problem per broken rule, naming the setting as `amqp.<field>`.
+    pub fn validate(&self, p: &mut Vec<Problem>) {
         if self.nodes.is_empty() {
-            problems.push("amqp.nodes: at least one broker \"host:port\" is needed".to_owned());
+            p.push(Problem::new(
+                "amqp.nodes",
+                "at least one broker \"host:port\" is needed",
+            ));
         }
         for node in &self.nodes {
             if split_node(node).is_none() {
-                problems.push(format!(
-                    "amqp.nodes: {node:?} is not \"host:port\" (port 1-65535)"
+                p.push(Problem::new(
+                    "amqp.nodes",
+                    format!("{node:?} is not \"host:port\" (port 1-65535)"),
                 ));
             }
         }
         if self.username.is_empty() {
-            problems.push("amqp.username: must not be empty".to_owned());
+            p.push(Problem::new("amqp.username", "must not be empty"));
         }
         let short = [
             ("amqp.vhost", &self.vhost),
@@ -261,51 +267,68 @@ impl AmqpConfig {
         ];
         for (name, value) in short {
             if value.len() > SHORTSTR_MAX {
-                problems.push(format!("{name}: longer than {SHORTSTR_MAX} bytes"));
+                p.push(Problem::new(
+                    name,
+                    format!("longer than {SHORTSTR_MAX} bytes"),
+                ));
             }
         }
         if self.exchange.starts_with("amq.") && self.topology.declare {
-            problems.push(format!(
-                "amqp.exchange: {:?} is reserved by the broker; set amqp.topology.declare: false to use it",
-                self.exchange
+            p.push(Problem::new(
+                "amqp.exchange",
+                format!(
+                    "{:?} is reserved by the broker; set amqp.topology.declare: false to use it",
+                    self.exchange
+                ),
             ));
         }
         if let Some(queue) = &self.topology.queue {
             if queue.is_empty() || queue.len() > SHORTSTR_MAX {
-                problems.push(format!(
-                    "amqp.topology.queue: must be 1-{SHORTSTR_MAX} bytes"
+                p.push(Problem::new(
+                    "amqp.topology.queue",
+                    format!("must be 1-{SHORTSTR_MAX} bytes"),
                 ));
             }
             if self.topology.declare && self.exchange.is_empty() && queue != &self.routing_key {
-                problems.push(format!(
-                    "amqp.topology.queue: {queue:?} differs from amqp.routing_key {:?}, but the default exchange (amqp.exchange \"\") routes by queue name",
-                    self.routing_key
+                p.push(Problem::new(
+                    "amqp.topology.queue",
+                    format!(
+                        "{queue:?} differs from amqp.routing_key {:?}, but the default exchange (amqp.exchange \"\") routes by queue name",
+                        self.routing_key
+                    ),
                 ));
             }
         } else if self.topology.declare && self.routing_key.is_empty() {
-            problems.push(
-                "amqp.routing_key: must not be empty when amqp.topology.declare names the queue after it"
-                    .to_owned(),
-            );
+            p.push(Problem::new(
+                "amqp.routing_key",
+                "must not be empty when amqp.topology.declare names the queue after it",
+            ));
         }
         if !matches!(
             self.topology.exchange_type.as_str(),
             "direct" | "topic" | "fanout" | "headers"
         ) {
-            problems.push(format!(
-                "amqp.topology.exchange_type: {:?} is not direct, topic, fanout or headers",
-                self.topology.exchange_type
+            p.push(Problem::new(
+                "amqp.topology.exchange_type",
+                format!(
+                    "{:?} is not direct, topic, fanout or headers",
+                    self.topology.exchange_type
+                ),
             ));
         }
         if self.max_in_flight == 0 || self.max_in_flight > 65_535 {
-            problems.push("amqp.max_in_flight: must be 1-65535".to_owned());
+            p.push(Problem::new("amqp.max_in_flight", "must be 1-65535"));
         }
         if self.heartbeat.subsec_nanos() != 0 || self.heartbeat.as_secs() > u64::from(u16::MAX) {
-            problems.push("amqp.heartbeat: must be whole seconds, at most 65535s".to_owned());
+            p.push(Problem::new(
+                "amqp.heartbeat",
+                "must be whole seconds, at most 65535s",
+            ));
         }
         if !(FRAME_MAX_MIN..=FRAME_MAX_MAX).contains(&self.frame_max) {
-            problems.push(format!(
-                "amqp.frame_max: must be {FRAME_MAX_MIN}-{FRAME_MAX_MAX} bytes (RabbitMQ's minimum frame to 1 MiB)"
+            p.push(Problem::new(
+                "amqp.frame_max",
+                format!("must be {FRAME_MAX_MIN}-{FRAME_MAX_MAX} bytes (RabbitMQ's minimum frame to 1 MiB)"),
             ));
         }
         for (name, d) in [
@@ -313,7 +336,7 @@ impl AmqpConfig {
             ("amqp.confirm_timeout", self.confirm_timeout),
         ] {
             if d.is_zero() {
-                problems.push(format!("{name}: must be more than 0s"));
+                p.push(Problem::new(name, "must be more than 0s"));
             }
         }
         for (name, initial, max) in [
@@ -321,15 +344,24 @@ impl AmqpConfig {
             ("amqp.retry", self.retry.initial, self.retry.max),
         ] {
             if initial.is_zero() {
-                problems.push(format!("{name}.initial: must be more than 0s"));
+                p.push(Problem::new(
+                    format!("{name}.initial"),
+                    "must be more than 0s",
+                ));
             }
             if initial > max {
-                problems.push(format!("{name}.max: must not be less than {name}.initial"));
+                p.push(Problem::new(
+                    format!("{name}.max"),
+                    format!("must not be less than {name}.initial"),
+                ));
             }
         }
         for (i, route) in self.routes.iter().enumerate() {
             if route.recipients.is_empty() {
-                problems.push(format!("amqp.routes[{i}].recipients: must not be empty"));
+                p.push(Problem::new(
+                    format!("amqp.routes[{i}].recipients"),
+                    "must not be empty",
+                ));
             }
             for r in &route.recipients {
                 let bad = r.is_empty()
@@ -337,27 +369,30 @@ impl AmqpConfig {
                     || r.starts_with('@')
                     || r.ends_with('@');
                 if bad {
-                    problems.push(format!(
-                        "amqp.routes[{i}].recipients: {r:?} is neither a domain nor an address"
+                    p.push(Problem::new(
+                        format!("amqp.routes[{i}].recipients"),
+                        format!("{r:?} is neither a domain nor an address"),
                     ));
                 }
             }
             if route.exchange.len() > SHORTSTR_MAX || route.routing_key.len() > SHORTSTR_MAX {
-                problems.push(format!(
-                    "amqp.routes[{i}]: exchange and routing_key must be at most {SHORTSTR_MAX} bytes"
+                p.push(Problem::new(
+                    format!("amqp.routes[{i}]"),
+                    format!("exchange and routing_key must be at most {SHORTSTR_MAX} bytes"),
                 ));
             }
         }
         if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
-            problems.push(
-                "amqp.tls: cert_file and key_file must be given together (client certificate)"
-                    .to_owned(),
-            );
+            p.push(Problem::new(
+                "amqp.tls",
+                "cert_file and key_file must be given together (client certificate)",
+            ));
         }
         if !self.tls.enabled && (self.tls.ca_file.is_some() || self.tls.cert_file.is_some()) {
-            problems.push(
-                "amqp.tls.enabled: is false, but amqp.tls.ca_file/cert_file are set".to_owned(),
-            );
+            p.push(Problem::new(
+                "amqp.tls.enabled",
+                "is false, but amqp.tls.ca_file/cert_file are set",
+            ));
         }
     }
 }
@@ -366,10 +401,11 @@ impl AmqpConfig {
 mod tests {
     use super::*;
 
+    /// The problems as "setting: message" lines.
     fn problems(cfg: &AmqpConfig) -> Vec<String> {
         let mut p = Vec::new();
         cfg.validate(&mut p);
-        p
+        p.iter().map(ToString::to_string).collect()
     }
 
     #[test]

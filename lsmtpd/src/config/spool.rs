@@ -1,0 +1,48 @@
+//! The `spool:` section: where and how big the on-disk spool is. Pure.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::Problem;
+
+/// The on-disk spool (sled).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// Spool directory (sled database). Default "./spool", or `$STATE_DIRECTORY` under systemd.
+    pub dir: PathBuf,
+    /// sled page-cache capacity. Default 8 MiB.
+    pub cache_bytes: u64,
+    /// Total message bytes the spool may hold; above it new mail gets 452 4.3.1. Default 1 GiB.
+    pub max_bytes: u64,
+    /// Refuse new mail (452 4.3.1) while the spool's filesystem has less free space than this.
+    /// Default 64 MiB.
+    pub min_free_disk_bytes: u64,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            dir: PathBuf::from("./spool"),
+            cache_bytes: 8 * 1024 * 1024,
+            max_bytes: 1024 * 1024 * 1024,
+            min_free_disk_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl SpoolConfig {
+    /// Pushes one problem per broken rule. `max_message_bytes` is `smtp.max_message_bytes`.
+    pub fn validate(&self, max_message_bytes: u64, p: &mut Vec<Problem>) {
+        if self.dir.as_os_str().is_empty() {
+            p.push(Problem::new("spool.dir", "must not be empty"));
+        }
+        if self.max_bytes < max_message_bytes {
+            p.push(Problem::new(
+                "spool.max_bytes",
+                "must be at least smtp.max_message_bytes",
+            ));
+        }
+    }
+}
