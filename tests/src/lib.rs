@@ -298,6 +298,48 @@ pub fn test_config(dir: &Path, smtp_extra: &str, amqp: Option<&str>) -> String {
     )
 }
 
+/// A loopback address:port nothing listens on right now (for endpoints that cannot report a
+/// port they chose themselves, like `metrics.listen`, or for a dead target).
+pub fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+}
+
+/// `config` (from [`test_config`]) with `metrics: (listen: Some(addr))` added.
+pub fn with_metrics(config: &str, addr: SocketAddr) -> String {
+    assert!(
+        config.contains("  shutdown:"),
+        "not a test_config: {config}"
+    );
+    let section = format!("  metrics: (listen: Some(\"{addr}\")),\n  shutdown:");
+    config.replacen("  shutdown:", &section, 1)
+}
+
+/// Sends `n` small messages (`from@example.org` → `to@example.net`) on one connection and
+/// returns their ids; any reply but 250 fails.
+pub async fn send_messages(addr: SocketAddr, n: usize) -> Result<Vec<String>> {
+    let (mut c, _) = RawClient::connect(addr).await?;
+    c.cmd("EHLO e2e.test").await?;
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let body = format!("Subject: m{i}\r\n\r\nhello {i}\r\n");
+        let r = c
+            .send_message(
+                "from@example.org",
+                &["to@example.net"],
+                &stuff(body.as_bytes()),
+            )
+            .await?;
+        if r.code != 250 {
+            bail!("message {i}: {}", r.text());
+        }
+        ids.push(queued_id(&r).context("no id in the 250")?);
+    }
+    c.cmd("QUIT").await?;
+    Ok(ids)
+}
+
 /// A byte stream a [`RawClient`] can talk over: TCP, or TLS over TCP (see [`tls`]).
 pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> ClientStream for T {}

@@ -35,13 +35,6 @@ fn repo_file(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
 }
 
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 /// Debian's prometheus binary; a missing one fails the test loudly (tests/run installs it).
 fn prometheus_bin() -> PathBuf {
     for p in ["/usr/bin/prometheus", "/usr/local/bin/prometheus"] {
@@ -264,11 +257,6 @@ fn df_avail(dir: &Path) -> u64 {
         .expect("df prints the free space")
 }
 
-fn metrics_section(cfg: &str, addr: SocketAddr) -> String {
-    let section = format!("  metrics: (listen: Some(\"{addr}\")),\n  shutdown:");
-    cfg.replacen("  shutdown:", &section, 1)
-}
-
 /// The "trouble" daemon: broker unreachable, spool nearly full of an old and a held message,
 /// little free disk by its own standard.
 fn start_trouble(dir: &Path, metrics: SocketAddr) -> Lsmtpd {
@@ -306,27 +294,7 @@ fn start_trouble(dir: &Path, metrics: SocketAddr) -> Lsmtpd {
         &format!("min_free_disk_bytes: {min_free}, max_bytes: 4096"),
     );
     assert!(cfg.contains("max_bytes: 4096"), "{cfg}");
-    Lsmtpd::start(dir, &metrics_section(&cfg, metrics), &[]).unwrap()
-}
-
-fn send_mail(addr: SocketAddr, n: usize) {
-    block_on(async {
-        let (mut c, _) = RawClient::connect(addr).await.unwrap();
-        c.cmd("EHLO prometheus.test").await.unwrap();
-        for i in 0..n {
-            let body = format!("Subject: m{i}\r\n\r\nhello {i}\r\n");
-            let r = c
-                .send_message(
-                    "from@example.org",
-                    &["to@example.net"],
-                    &stuff(body.as_bytes()),
-                )
-                .await
-                .unwrap();
-            assert_eq!(r.code, 250, "{r:?}");
-        }
-        c.cmd("QUIT").await.unwrap();
-    });
+    Lsmtpd::start(dir, &with_metrics(&cfg, metrics), &[]).unwrap()
 }
 
 #[test]
@@ -356,7 +324,7 @@ fn every_dashboard_query_and_alert_expression_returns_data_from_a_real_prometheu
     let cfg = test_config(traffic_dir.path(), "", Some(&amqp));
     let traffic = Lsmtpd::start(
         traffic_dir.path(),
-        &metrics_section(&cfg, traffic_metrics),
+        &with_metrics(&cfg, traffic_metrics),
         &[],
     )
     .unwrap();
@@ -384,7 +352,7 @@ fn every_dashboard_query_and_alert_expression_returns_data_from_a_real_prometheu
         },
     );
     // Mail after the first scrapes, so rates and latencies have something to show.
-    send_mail(traffic.addr, 5);
+    block_on(send_messages(traffic.addr, 5)).unwrap();
     prom.wait_until(
         "the confirms in a rate window",
         Duration::from_secs(60),
