@@ -142,7 +142,11 @@ fn allowed_recipients_accept_listed_domains_and_addresses_and_refuse_the_rest() 
 #[test]
 fn connections_over_the_per_minute_rate_get_421_and_are_closed() {
     let dir = tempfile::tempdir().unwrap();
-    let d = start(dir.path(), "limits: (connections_per_minute_per_ip: 3),");
+    // Loopback is trusted (exempt from per-IP limits) unless trusted_networks says otherwise.
+    let d = start(
+        dir.path(),
+        "limits: (connections_per_minute_per_ip: 3, trusted_networks: []),",
+    );
     block_on(async {
         let mut open = Vec::new();
         for _ in 0..3 {
@@ -163,7 +167,10 @@ fn connections_over_the_per_minute_rate_get_421_and_are_closed() {
 #[test]
 fn messages_over_the_per_minute_rate_get_451_at_mail_from() {
     let dir = tempfile::tempdir().unwrap();
-    let d = start(dir.path(), "limits: (messages_per_minute_per_ip: 2),");
+    let d = start(
+        dir.path(),
+        "limits: (messages_per_minute_per_ip: 2, trusted_networks: []),",
+    );
     block_on(async {
         let (mut c, _) = RawClient::connect(d.addr).await.unwrap();
         c.cmd("EHLO client.test").await.unwrap();

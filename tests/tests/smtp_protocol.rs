@@ -225,6 +225,33 @@ fn oversize_message_gets_552_and_the_connection_stays_usable() {
     assert_eq!(strip_received(&stored[0].1).unwrap(), b"small\r\n");
 }
 
+#[test]
+fn long_lines_are_stored_verbatim_and_a_twenty_digit_size_gets_552() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(dir.path(), "");
+    let mut body = b"Subject: html\r\n\r\n".to_vec();
+    body.extend_from_slice("<td>".repeat(2500).as_bytes()); // one line of 10000 octets
+    body.extend_from_slice(b"\r\n");
+    block_on(async {
+        let (mut c, _) = RawClient::connect(d.addr).await.unwrap();
+        c.cmd("EHLO client.test").await.unwrap();
+        // RFC 1870 allows 20 digits: valid syntax, too big for any limit.
+        let r = c
+            .cmd("MAIL FROM:<> SIZE=99999999999999999999")
+            .await
+            .unwrap();
+        assert_eq!((r.code, r.text().get(..5)), (552, Some("5.3.4")), "{r:?}");
+        let r = c
+            .send_message("a@example.org", &["b@example.net"], &stuff(&body))
+            .await
+            .unwrap();
+        assert_eq!(r.code, 250, "{r:?}");
+    });
+    let stored = stop_and_read(d, dir.path());
+    assert_eq!(stored.len(), 1);
+    assert_eq!(strip_received(&stored[0].1).unwrap(), &body[..]);
+}
+
 /// SMTP smuggling: sequences that some servers take for the end of DATA must neither end the
 /// message nor smuggle a second one in.
 #[test]
@@ -348,7 +375,11 @@ fn silent_client_gets_421_after_the_command_timeout() {
 #[test]
 fn connections_over_the_per_ip_limit_get_421() {
     let dir = tempfile::tempdir().unwrap();
-    let d = start(dir.path(), "max_connections_per_ip: 2,");
+    // Loopback is trusted (exempt from per-IP limits) unless trusted_networks says otherwise.
+    let d = start(
+        dir.path(),
+        "max_connections_per_ip: 2, limits: (trusted_networks: []),",
+    );
     block_on(async {
         let (_a, ga) = RawClient::connect(d.addr).await.unwrap();
         let (mut b, gb) = RawClient::connect(d.addr).await.unwrap();

@@ -7,7 +7,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use lsmtpd::smtp::wire::{parse_command, LineBuffer, LineError};
+use lsmtp_wire::{parse_command, LineBuffer, LineError};
 
 /// Bytes that make interesting SMTP: verbs, path punctuation, CR/LF, NUL and UTF-8 lead bytes.
 const ALPHABET: &[u8] = b"MAILFROM:RCPTO<>@[]\"\\ .,=-:\r\n\r\n\0\xc3\xa4IPv6:1EHLDBSZ";

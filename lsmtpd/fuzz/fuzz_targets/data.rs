@@ -3,11 +3,11 @@
 //! an accepted body survives `stuff` + unstuff unchanged.
 //!
 //! Input layout: byte 0 = options (bit 0: Normalize, bits 1-7: chunk seed), byte 1 = max_bytes
-//! (x 4), byte 2 = max_line; the rest is the stream after the 354 reply.
+//! (x 4), byte 2 = max_line (0: no line limit); the rest is the stream after the 354 reply.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use lsmtpd::smtp::wire::{stuff, BareNewline, DataError, DataLimits, DotUnstuffer, Feed};
+use lsmtp_wire::{stuff, BareNewline, DataError, DataLimits, DotUnstuffer, Feed};
 
 /// Feeds `input` in chunks whose sizes cycle through `sizes`; returns (end offset if done,
 /// body, verdict).
@@ -59,7 +59,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let limits = DataLimits {
         max_bytes: usize::from(*max_bytes) * 4,
-        max_line: usize::from(*max_line),
+        max_line: (*max_line != 0).then_some(usize::from(*max_line)),
         bare_newline: if options & 1 == 1 {
             BareNewline::Normalize
         } else {
@@ -83,6 +83,14 @@ fuzz_target!(|data: &[u8]| {
         "DATA ended somewhere other than the first CRLF.CRLF"
     );
     assert!(body.len() <= limits.max_bytes);
+
+    if limits.max_line.is_none() {
+        assert_ne!(
+            verdict,
+            Err(DataError::LineTooLong),
+            "no line limit was set"
+        );
+    }
 
     if verdict.is_ok() {
         // An accepted body has CRLF line endings only, and re-stuffing it round-trips.

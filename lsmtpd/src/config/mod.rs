@@ -184,7 +184,8 @@ mod tests {
         let c = Config::from_ron("(smtp: (max_recipients: 5, command_timeout: \"10m\"))").unwrap();
         assert_eq!(c.smtp.max_recipients, 5);
         assert_eq!(c.smtp.command_timeout, Duration::from_secs(600));
-        assert_eq!(c.smtp.max_line_bytes, 1000);
+        assert_eq!(c.smtp.max_line_bytes, 0);
+        assert_eq!(c.smtp.data_line_limit(), None);
     }
 
     #[test]
@@ -409,5 +410,39 @@ mod tests {
         assert!(names.contains(&"smtp.max_recipients"), "{names:?}");
         assert!(names.contains(&"smtp.memory_budget_bytes"), "{names:?}");
         assert!(names.contains(&"log.level"), "{names:?}");
+    }
+
+    #[test]
+    fn max_line_bytes_is_zero_or_at_least_the_rfc_minimum() {
+        for (value, ok) in [
+            (0, true),
+            (999, false),
+            (1, false),
+            (1000, true),
+            (65536, true),
+        ] {
+            let mut c = Config::default();
+            c.smtp.max_line_bytes = value;
+            match c.validate() {
+                Ok(()) => assert!(ok, "{value} accepted"),
+                Err(errs) => {
+                    assert!(!ok, "{value} refused: {errs:?}");
+                    assert_eq!(errs[0].setting, "smtp.max_line_bytes");
+                }
+            }
+            assert_eq!(c.smtp.data_line_limit(), (value != 0).then_some(value));
+        }
+    }
+
+    #[test]
+    fn loopback_is_trusted_by_default_and_trusted_networks_are_checked() {
+        let c = Config::default();
+        assert_eq!(c.smtp.limits.trusted_networks, ["127.0.0.0/8", "::1"]);
+        let mut c = Config::default();
+        c.smtp.limits.trusted_networks = vec!["10.0.0.0/8".into(), "mynetworks".into()];
+        let errs = c.validate().unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].setting, "smtp.limits.trusted_networks");
+        assert!(errs[0].message.contains("mynetworks"), "{errs:?}");
     }
 }

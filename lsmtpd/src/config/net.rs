@@ -1,5 +1,6 @@
 //! Networks in the configuration (`smtp.policy.allowed_networks`, `smtp.limits.rate_limit_exempt`,
-//! `smtp.proxy_protocol.trusted_proxies`): CIDR or single addresses. Pure.
+//! `smtp.limits.trusted_networks`, `smtp.proxy_protocol.trusted_proxies`): CIDR or single
+//! addresses. Pure.
 
 use std::net::IpAddr;
 

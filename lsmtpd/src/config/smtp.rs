@@ -30,11 +30,14 @@ pub struct SmtpConfig {
     pub max_recipients: usize,
     /// Concurrent connections in all; one more gets 421 4.7.0 and is closed.
     pub max_connections: usize,
-    /// Concurrent connections from one client IP; one more gets 421 4.7.0.
+    /// Concurrent connections from one client IP; one more gets 421 4.7.0. Clients in
+    /// `limits.trusted_networks` (by default loopback) are not counted.
     pub max_connections_per_ip: usize,
     /// Longest command line, CRLF included (RFC 5321 4.5.3.1.4: 512).
     pub max_command_line_bytes: usize,
-    /// Longest text line inside DATA, CRLF included (RFC 5321 4.5.3.1.6: 1000).
+    /// Longest text line inside DATA, CRLF included; a message with a longer line gets
+    /// 554 5.6.0. 0 (the default): no limit, every line is stored verbatim. Otherwise at least
+    /// 1000, the least RFC 5321 4.5.3.1.6 lets a server accept.
     pub max_line_bytes: usize,
     /// Bare CR / bare LF inside DATA: `Reject` (default) or `Normalize`.
     pub bare_newline: BareNewline,
@@ -98,7 +101,7 @@ impl Default for SmtpConfig {
             max_connections: 1000,
             max_connections_per_ip: 100,
             max_command_line_bytes: 512,
-            max_line_bytes: 1000,
+            max_line_bytes: 0,
             bare_newline: BareNewline::Reject,
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(180),
@@ -113,6 +116,11 @@ impl Default for SmtpConfig {
 }
 
 impl SmtpConfig {
+    /// The DATA line limit for the DATA reader: `None` when `max_line_bytes` is 0.
+    pub fn data_line_limit(&self) -> Option<usize> {
+        (self.max_line_bytes != 0).then_some(self.max_line_bytes)
+    }
+
     /// Pushes one problem per broken rule of the `smtp` section and its subsections.
     pub fn validate(&self, p: &mut Vec<Problem>) {
         let s = self;
@@ -165,10 +173,10 @@ impl SmtpConfig {
                 "must be at least 512 (RFC 5321 4.5.3.1.4)",
             ));
         }
-        if s.max_line_bytes < 1000 {
+        if s.max_line_bytes != 0 && s.max_line_bytes < 1000 {
             p.push(Problem::new(
                 "smtp.max_line_bytes",
-                "must be at least 1000 (RFC 5321 4.5.3.1.6)",
+                "must be 0 (no limit) or at least 1000 (RFC 5321 4.5.3.1.6)",
             ));
         }
         if s.command_timeout.is_zero() {
@@ -421,6 +429,12 @@ pub struct LimitsConfig {
     /// Client networks the per-minute rates do not apply to (CIDR or single addresses).
     /// `max_connections_per_ip` and `hard_error_limit` still do. Default: none.
     pub rate_limit_exempt: Vec<String>,
+    /// Client networks exempt from every per-IP limit, like Postfix's `mynetworks`:
+    /// `smtp.max_connections_per_ip`, `connections_per_minute_per_ip` and
+    /// `messages_per_minute_per_ip`. Still applied to them: `smtp.max_connections`,
+    /// `hard_error_limit`, the memory budget, the spool's capacity and `smtp.policy`. Default:
+    /// loopback (`127.0.0.0/8`, `::1`), the applications on the same host; `[]` exempts nobody.
+    pub trusted_networks: Vec<String>,
 }
 
 impl Default for LimitsConfig {
@@ -430,6 +444,7 @@ impl Default for LimitsConfig {
             messages_per_minute_per_ip: 0,
             hard_error_limit: 20,
             rate_limit_exempt: Vec::new(),
+            trusted_networks: vec!["127.0.0.0/8".to_string(), "::1".to_string()],
         }
     }
 }
@@ -439,6 +454,11 @@ impl LimitsConfig {
         check_networks(
             "smtp.limits.rate_limit_exempt",
             &self.rate_limit_exempt,
+            problems,
+        );
+        check_networks(
+            "smtp.limits.trusted_networks",
+            &self.trusted_networks,
             problems,
         );
     }

@@ -4,6 +4,8 @@
 //! a connection over either gets `421 4.7.0` and is closed at once. Each session holds its slots
 //! (an owned semaphore permit and a per-IP count) until it ends. Over
 //! `smtp.limits.connections_per_minute_per_ip` a connection gets `421 4.7.0` and is closed.
+//! Clients in `smtp.limits.trusted_networks` (loopback by default) take no per-IP slot and are
+//! not rate-limited; only `smtp.max_connections` bounds them.
 //!
 //! The implicit-TLS listeners (`smtp.tls.implicit_listen`) share the same limits; their handshake
 //! runs in the session task.
@@ -42,7 +44,21 @@ struct IpSlot {
     ip: IpAddr,
 }
 
+/// The per-IP part of a connection's slots, held (and so released) with the session: a counted
+/// slot, or `None` for a trusted client, which is not counted.
+type IpAdmission = Option<IpSlot>;
+
 impl PerIp {
+    /// Admits a connection from `ip` under `max_connections_per_ip`, unless `ip` is trusted.
+    /// `None`: over the limit.
+    fn admit(self: &Arc<Self>, ctx: &SessionContext, ip: IpAddr) -> Option<IpAdmission> {
+        if ctx.guard.limits.is_trusted(ip) {
+            return Some(None);
+        }
+        self.try_take(ip, ctx.config.max_connections_per_ip)
+            .map(Some)
+    }
+
     fn try_take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<IpSlot> {
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         let n = counts.entry(ip).or_insert(0);
@@ -149,10 +165,7 @@ impl Listener {
             return;
         }
         let slot = Arc::clone(&self.slots).try_acquire_owned().ok();
-        let ip_slot = slot.as_ref().and_then(|_| {
-            self.per_ip
-                .try_take(ip, self.ctx.config.max_connections_per_ip)
-        });
+        let ip_slot = slot.as_ref().and_then(|_| self.per_ip.admit(&self.ctx, ip));
         let ctx = Arc::clone(&self.ctx);
         match (slot, ip_slot) {
             (Some(slot), Some(ip_slot)) => {
@@ -246,7 +259,7 @@ impl Listener {
                 refuse_for_rate(&ctx, &tracker, Some(stream), ip);
                 return;
             }
-            let Some(ip_slot) = per_ip.try_take(ip, ctx.config.max_connections_per_ip) else {
+            let Some(ip_slot) = per_ip.admit(&ctx, ip) else {
                 ctx.metrics
                     .refused_connections
                     .fetch_add(1, Ordering::Relaxed);

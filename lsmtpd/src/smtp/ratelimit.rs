@@ -1,5 +1,9 @@
 //! Per-client-IP rate limits and the per-session hard error limit: the `smtp.limits` section.
 //!
+//! Trusted clients (`smtp.limits.trusted_networks`, loopback by default) are exempt from every
+//! per-IP limit: both rates here and the listener's `max_connections_per_ip`
+//! ([`RateLimits::is_trusted`]). The hard error limit is per session and applies to everyone.
+//!
 //! Pure core: [`KeyedRate`] decides with a clock value passed in (milliseconds on any monotonic
 //! scale), and [`ErrorCounter`] counts replies. [`RateLimits`] is the thin shared shell: a mutex
 //! around the two limiters and a monotonic clock.
@@ -165,7 +169,10 @@ pub fn rate_key(ip: IpAddr) -> IpAddr {
 pub struct RateLimits {
     connections: Option<Mutex<KeyedRate>>,
     messages: Option<Mutex<KeyedRate>>,
+    /// `rate_limit_exempt`: the two rates only.
     exempt: Networks,
+    /// `trusted_networks`: every per-IP limit.
+    trusted: Networks,
     pub hard_error_limit: u32,
     epoch: Instant,
 }
@@ -178,6 +185,7 @@ impl RateLimits {
             connections: limiter(cfg.connections_per_minute_per_ip),
             messages: limiter(cfg.messages_per_minute_per_ip),
             exempt: Networks::new(parse_networks(&cfg.rate_limit_exempt)?),
+            trusted: Networks::new(parse_networks(&cfg.trusted_networks)?),
             hard_error_limit: cfg.hard_error_limit,
             epoch: Instant::now(),
         })
@@ -187,12 +195,18 @@ impl RateLimits {
         let Some(limiter) = limiter else {
             return true;
         };
-        if self.exempt.contains(ip) {
+        if self.exempt.contains(ip) || self.trusted.contains(ip) {
             return true;
         }
         let now_ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
         let mut l = limiter.lock().unwrap_or_else(|e| e.into_inner());
         l.try_take(rate_key(ip), now_ms)
+    }
+
+    /// True when `ip` is in `trusted_networks`: no per-IP limit applies to it, neither the rates
+    /// nor `smtp.max_connections_per_ip` (which the listener counts).
+    pub fn is_trusted(&self, ip: IpAddr) -> bool {
+        self.trusted.contains(ip)
     }
 
     /// A new connection from `ip`: false when it is over `connections_per_minute_per_ip`.
@@ -291,6 +305,7 @@ mod tests {
         let cfg = LimitsConfig {
             connections_per_minute_per_ip: 1,
             rate_limit_exempt: vec!["192.0.2.0/24".into()],
+            trusted_networks: vec![],
             ..LimitsConfig::default()
         };
         let r = RateLimits::new(&cfg).unwrap();
@@ -299,6 +314,46 @@ mod tests {
         assert!(r.allow_connection(ip(1)));
         assert!(!r.allow_connection(ip(1)));
         assert!(r.allow_message(ip(1)), "no message limit configured");
+    }
+
+    #[test]
+    fn loopback_is_trusted_by_default_and_skips_both_rates() {
+        let cfg = LimitsConfig {
+            connections_per_minute_per_ip: 1,
+            messages_per_minute_per_ip: 1,
+            ..LimitsConfig::default()
+        };
+        let r = RateLimits::new(&cfg).unwrap();
+        let local: [IpAddr; 4] = [
+            "127.0.0.1".parse().unwrap(),
+            "127.8.9.10".parse().unwrap(),
+            "::1".parse().unwrap(),
+            "::ffff:127.0.0.1".parse().unwrap(),
+        ];
+        for ip in local {
+            assert!(r.is_trusted(ip), "{ip}");
+            assert!(
+                (0..100).all(|_| r.allow_connection(ip) && r.allow_message(ip)),
+                "{ip}"
+            );
+        }
+        let other = ip(0xC000_0201);
+        assert!(!r.is_trusted(other));
+        assert!(r.allow_connection(other) && r.allow_message(other));
+        assert!(!r.allow_connection(other) && !r.allow_message(other));
+
+        // trusted_networks: [] takes the exemption away, and other networks can be trusted.
+        let strict = RateLimits::new(&LimitsConfig {
+            trusted_networks: vec!["192.0.2.0/24".into()],
+            ..cfg
+        })
+        .unwrap();
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        assert!(!strict.is_trusted(lo));
+        assert!(strict.allow_connection(lo));
+        assert!(!strict.allow_connection(lo));
+        assert!(strict.is_trusted(other));
+        assert!((0..10).all(|_| strict.allow_connection(other)));
     }
 
     proptest! {

@@ -516,7 +516,7 @@ where
         let max_bytes = usize::try_from(self.ctx.config.max_message_bytes).unwrap_or(usize::MAX);
         let mut reader = DotUnstuffer::new(DataLimits {
             max_bytes,
-            max_line: self.ctx.config.max_line_bytes,
+            max_line: self.ctx.config.data_line_limit(),
             bare_newline: self.ctx.config.bare_newline,
         });
         // Bytes that arrived behind the DATA command are the body's first bytes.
@@ -549,7 +549,7 @@ where
             }
         }
         let refusal = match reader.finish() {
-            Err(e) => Some(data_error_reply(&e)),
+            Err(e) => Some(data_error_reply(&e, &self.ctx.config)),
             Ok(()) if body.over_budget => Some(Reply::insufficient_storage()),
             Ok(()) => None,
         };
@@ -712,11 +712,11 @@ where
 }
 
 /// The reply to a message the DATA reader refused.
-fn data_error_reply(e: &DataError) -> Reply {
+fn data_error_reply(e: &DataError, config: &SmtpConfig) -> Reply {
     match e {
         DataError::TooLarge => Reply::message_too_big(),
         DataError::BareNewline => Reply::bare_newline(),
-        DataError::LineTooLong => Reply::line_too_long_in_data(),
+        DataError::LineTooLong => Reply::line_too_long_in_data(config.max_line_bytes),
         // finish() before the terminator: a bug of ours; never a 250.
         DataError::Incomplete => Reply::storage_failed(),
     }

@@ -657,6 +657,30 @@ mod tests {
     }
 
     #[test]
+    fn a_twenty_digit_size_is_too_big_not_a_syntax_error() {
+        // RFC 1870: size-value = 1*20DIGIT, so these are valid and simply too big: 552 5.3.4,
+        // also past u64::MAX and also for the null sender. The spool is never asked.
+        for size in [
+            "18446744073709551615",
+            "18446744073709551616",
+            "99999999999999999999",
+        ] {
+            let mut s = state();
+            run(&mut s, "EHLO c");
+            let line = format!("MAIL FROM:<> SIZE={size}");
+            let cmd = parse_command(line.as_bytes()).expect("valid syntax");
+            let step = s.on_command(cmd, &|_| panic!("a refused size needs no room"));
+            let reply = step.reply.expect("reply");
+            assert_eq!(
+                (reply.code(), reply.enhanced()),
+                (552, Some((5, 3, 4))),
+                "{line}"
+            );
+            assert!(s.envelope().is_none());
+        }
+    }
+
+    #[test]
     fn a_full_spool_gets_452_at_mail() {
         let mut s = state();
         run(&mut s, "EHLO c");

@@ -15,11 +15,14 @@
 //! - The state is a few words and does not depend on how the input was chunked: splitting the
 //!   same bytes anywhere gives the same body, the same `consumed` total and the same verdict.
 //! - Memory is bounded by the caller's `body` buffer, which never grows past
-//!   [`DataLimits::max_bytes`]; beyond that the unstuffer only counts.
+//!   [`DataLimits::max_bytes`]; beyond that the unstuffer only counts. Line length costs no
+//!   memory: lines are never buffered, so a line of any length is stored exactly as received
+//!   unless [`DataLimits::max_line`] asks for it to be refused.
 
 /// What to do with a bare CR or LF inside DATA (RFC 5321 2.3.8 forbids them); also the
 /// `smtp.bare_newline` setting.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum BareNewline {
     /// Refuse the message (reply 550 5.6.0) once the terminator arrives, like Postfix's
     /// `smtpd_forbid_bare_newline = reject`. The default: it makes SMTP smuggling impossible.
@@ -35,19 +38,22 @@ pub enum BareNewline {
 pub struct DataLimits {
     /// Largest body accepted, in octets after unstuffing (and normalization).
     pub max_bytes: usize,
-    /// Longest line accepted in octets, including CRLF (RFC 5321 4.5.3.1.6: 1000). Counted on the
-    /// unstuffed line, so a stuffed dot does not count.
-    pub max_line: usize,
+    /// Longest line accepted in octets, including CRLF; a longer one makes the message fail with
+    /// [`DataError::LineTooLong`]. Counted on the unstuffed line, so a stuffed dot does not count.
+    /// `None`: no limit, every line is stored verbatim. RFC 5321 4.5.3.1.6 names 1000 octets as
+    /// the least a server must accept, not the most; real mail (HTML from some generators)
+    /// exceeds it, and so the default is `None`.
+    pub max_line: Option<usize>,
     /// Bare CR/LF policy.
     pub bare_newline: BareNewline,
 }
 
 impl Default for DataLimits {
-    /// 25 MiB, 1000-octet lines, bare newlines rejected.
+    /// 25 MiB, lines of any length, bare newlines rejected.
     fn default() -> Self {
         Self {
             max_bytes: 25 * 1024 * 1024,
-            max_line: 1000,
+            max_line: None,
             bare_newline: BareNewline::Reject,
         }
     }
@@ -72,7 +78,7 @@ pub enum DataError {
     /// A bare CR or LF was received (policy Reject). Session: 550 5.6.0 (`Reply::bare_newline`).
     #[error("message contains a bare CR or LF")]
     BareNewline,
-    /// A line exceeded `max_line`. Session: 550 5.6.0 (`Reply::line_too_long_in_data`).
+    /// A line exceeded `max_line`. Session: 554 5.6.0 (`Reply::line_too_long_in_data`).
     #[error("message contains a line that is too long")]
     LineTooLong,
     /// `finish` was called before the terminator: a session bug; never reply 250.
@@ -270,8 +276,10 @@ impl DotUnstuffer {
     /// Stores line content.
     fn store(&mut self, bytes: &[u8], body: &mut Vec<u8>) {
         self.line_len = self.line_len.saturating_add(bytes.len());
-        if self.line_len.saturating_add(2) > self.limits.max_line {
-            self.line_too_long = true;
+        if let Some(max_line) = self.limits.max_line {
+            if self.line_len.saturating_add(2) > max_line {
+                self.line_too_long = true;
+            }
         }
         self.append(bytes, body);
     }
@@ -468,7 +476,7 @@ mod tests {
     #[test]
     fn line_limit_counts_unstuffed_octets() {
         let l = DataLimits {
-            max_line: 6,
+            max_line: Some(6),
             ..DataLimits::default()
         };
         for (input, verdict) in [
@@ -483,6 +491,37 @@ mod tests {
             let (_, _, got) = run_all(l, input).unwrap();
             assert_eq!(got, verdict, "{input:?}");
         }
+    }
+
+    #[test]
+    fn long_lines_are_stored_verbatim_without_a_limit() {
+        // 1001 octets with CRLF (one over RFC 5321's minimum), a stuffed dot in front, and one
+        // line of 100 KB, which a limit of 1000 would refuse.
+        let mut body = b".".to_vec();
+        body.extend_from_slice(&[b'x'; 998]);
+        body.extend_from_slice(b"\r\n");
+        body.extend_from_slice(&vec![b'<'; 100 * 1024]);
+        body.extend_from_slice(b"\r\n");
+        let input = stuff(&body);
+        let (consumed, got, verdict) = run(DataLimits::default(), &input, 4096).unwrap();
+        assert_eq!((consumed, verdict), (input.len(), Ok(())));
+        assert_eq!(got, body);
+        // Every split of a line just over 1000 octets gives the same verbatim body.
+        let mut short = vec![b'y'; 1000];
+        short.extend_from_slice(b"\r\n");
+        let got = run_all(DataLimits::default(), &stuff(&short)).unwrap();
+        assert_eq!(got.1, short);
+        assert_eq!(got.2, Ok(()));
+        // With the limit of RFC 5321 4.5.3.1.6 the same message is refused.
+        let limited = DataLimits {
+            max_line: Some(1000),
+            ..DataLimits::default()
+        };
+        let (_, _, verdict) = run(limited, &input, 4096).unwrap();
+        assert_eq!(verdict, Err(DataError::LineTooLong));
+        let exactly = [&[b'z'; 998][..], b"\r\n"].concat();
+        let (_, _, verdict) = run(limited, &stuff(&exactly), 7).unwrap();
+        assert_eq!(verdict, Ok(()), "998 octets + CRLF is exactly the limit");
     }
 
     #[test]
@@ -641,7 +680,7 @@ mod tests {
             cuts in proptest::collection::vec(any::<usize>(), 0..10),
             normalize in any::<bool>(),
             max_bytes in 0usize..40,
-            max_line in 2usize..12,
+            max_line in proptest::option::of(2usize..12),
         ) {
             let l = DataLimits {
                 max_bytes,

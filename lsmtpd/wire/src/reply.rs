@@ -444,16 +444,21 @@ impl Reply {
         )
     }
 
-    /// `550 5.6.0 ...` — a DATA line was longer than 1000 octets including CRLF.
+    /// `554 5.6.0 ...` — a DATA line was longer than `max_line` octets including CRLF (only
+    /// when a line limit is configured; by default lines of any length are accepted).
     ///
-    /// Choice: the limit (RFC 5321 4.5.3.1.6) is about the message's format, like bare newlines,
-    /// so it shares 550 5.6.0 ("media error") rather than 552 5.3.4, which would tell the sender
-    /// the *message* is too big, or 500, which answers an unrecognized command.
-    pub fn line_too_long_in_data() -> Self {
+    /// Choice: RFC 5321 4.3.2 allows 250, 552, 554, 451, 452, and for policy 450 and 550 at the
+    /// end of DATA. 550 means "mailbox unavailable", which this is not; 552 ("exceeded storage
+    /// allocation") would tell the sender the message is too big, which shorter lines would not
+    /// fix either; 500 (the example of RFC 5321 4.5.3.1.10) answers a command, and DATA's
+    /// content is not one. 554 "Transaction failed" is permanent and allowed there, and
+    /// RFC 3463's X.6.0 ("other or undefined media error": something about the content made the
+    /// message undeliverable) names the cause.
+    pub fn line_too_long_in_data(max_line: usize) -> Self {
         Self::new(
-            550,
+            554,
             Some((5, 6, 0)),
-            "Message contains a line longer than 1000 octets (RFC 5321 4.5.3.1.6)",
+            format!("Message contains a line longer than {max_line} octets (RFC 5321 4.5.3.1.6)"),
         )
     }
 
@@ -604,7 +609,7 @@ mod tests {
             (Reply::too_busy(), "421 4.7.0"),
             (Reply::timeout(), "421 4.4.2"),
             (Reply::bare_newline(), "550 5.6.0"),
-            (Reply::line_too_long_in_data(), "550 5.6.0"),
+            (Reply::line_too_long_in_data(1000), "554 5.6.0"),
             (Reply::command_line_too_long(), "500 5.5.2"),
             (Reply::queued("abc"), "250 2.0.0"),
         ];

@@ -1,8 +1,13 @@
-//! The bytes of SMTP: command lines, paths, DATA transparency and replies.
+//! lsmtp-wire: the bytes of SMTP — command lines, paths, DATA transparency and replies.
 //!
-//! Everything below this module is **pure**: no tokio, no I/O, no clock, no randomness. The
-//! session (the imperative shell) feeds it bytes and writes out what it returns, so every rule
-//! here can be unit-tested, property-tested and fuzzed alone (`lsmtpd/fuzz`).
+//! Everything in this crate is **pure**: no tokio, no I/O, no clock, no randomness. The daemon's
+//! session (the imperative shell, `lsmtpd::smtp::session`) feeds it bytes and writes out what it
+//! returns, so every rule here can be unit-tested, property-tested and fuzzed alone
+//! (`lsmtpd/fuzz`, which links this crate and nothing of the daemon). Inside lsmtpd the crate is
+//! re-exported as `lsmtpd::smtp::wire`.
+//!
+//! Features: `serde` derives `Serialize`/`Deserialize` for [`BareNewline`], which is also a
+//! setting of the daemon's configuration (`smtp.bare_newline`).
 //!
 //! Invariants shared by all submodules:
 //! - Only `<CRLF>` ends a command line and only `<CRLF>.<CRLF>` ends DATA; a bare CR or LF never

@@ -7,7 +7,7 @@
 //! - Control characters (including NUL, TAB, bare CR and bare LF) anywhere in the line are a
 //!   syntax error; so is invalid UTF-8. UTF-8 is allowed only where RFC 6531 allows it
 //!   (addresses, parameter values, free text); whether SMTPUTF8 was requested is the session's
-//!   business ([`crate::smtp::wire::Address::is_ascii`]).
+//!   business ([`crate::Address::is_ascii`]).
 //! - Verbs and parameter keywords are case-insensitive; trailing spaces are ignored.
 //! - Only the MAIL and RCPT parameters listed here are accepted; anything else is
 //!   [`ParseError::UnknownParameter`] (555 5.5.4), so the session never silently ignores an
@@ -15,8 +15,8 @@
 //!   is checked by the session.
 //! - Every [`ParseError`] maps to exactly one reply through [`ParseError::reply`].
 
-use crate::smtp::wire::address::{self, Address, AddressError};
-use crate::smtp::wire::reply::Reply;
+use crate::address::{self, Address, AddressError};
+use crate::reply::Reply;
 
 /// One parsed SMTP command.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,7 +122,9 @@ pub enum DsnRet {
 /// Parameters of MAIL FROM. Each may appear at most once.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MailParams {
-    /// `SIZE=n` (RFC 1870): the client's estimate, in octets.
+    /// `SIZE=n` (RFC 1870): the client's estimate, in octets. RFC 1870 allows 1 to 20 digits,
+    /// more than a u64 holds: a larger value is kept as `u64::MAX`, which no size limit admits, so
+    /// the session answers it 552 5.3.4 like any other message that is too big, never 501.
     pub size: Option<u64>,
     /// `BODY=` (RFC 6152).
     pub body: Option<BodyType>,
@@ -288,7 +290,7 @@ fn parse_mail(args: &str) -> Result<Command, ParseError> {
         match keyword.as_str() {
             "SIZE" => {
                 let v = value.ok_or(ParseError::InvalidArgument("SIZE needs a value"))?;
-                let size = parse_digits(v).ok_or(ParseError::InvalidArgument("bad SIZE value"))?;
+                let size = parse_size(v).ok_or(ParseError::InvalidArgument("bad SIZE value"))?;
                 if params.size.replace(size).is_some() {
                     return Err(dup);
                 }
@@ -407,6 +409,16 @@ fn esmtp_params(text: &str) -> Result<Vec<(String, Option<&str>)>, ParseError> {
             Ok((keyword.to_ascii_uppercase(), value))
         })
         .collect()
+}
+
+/// RFC 1870's `size-value = 1*20DIGIT`. A valid value beyond `u64::MAX` saturates to it (it
+/// is too big for any limit either way); signs, spaces and a 21st digit are refused.
+fn parse_size(s: &str) -> Option<u64> {
+    if s.is_empty() || s.len() > 20 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    // Only overflow can make the parse of 1 to 20 digits fail.
+    Some(s.parse().unwrap_or(u64::MAX))
 }
 
 /// 1*DIGIT as a u64, refusing signs, spaces and overflow.
@@ -726,7 +738,12 @@ mod tests {
                 "501 5.5.4",
             ),
             (
-                "MAIL FROM:<a@b> SIZE=99999999999999999999",
+                "MAIL FROM:<a@b> SIZE=999999999999999999990",
+                E::InvalidArgument("bad SIZE value"),
+                "501 5.5.4",
+            ),
+            (
+                "MAIL FROM:<a@b> SIZE=+1",
                 E::InvalidArgument("bad SIZE value"),
                 "501 5.5.4",
             ),
@@ -819,6 +836,37 @@ mod tests {
     }
 
     #[test]
+    fn size_takes_one_to_twenty_digits_and_saturates_past_u64() {
+        let size = |line: &str| match parse(line) {
+            Ok(Command::Mail { params, .. }) => Ok(params.size),
+            Ok(other) => panic!("{line}: {other:?}"),
+            Err(e) => Err(e),
+        };
+        let table = [
+            ("MAIL FROM:<> SIZE=0", Some(0)),
+            ("MAIL FROM:<> size=00000000000000000001", Some(1)),
+            ("MAIL FROM:<> SIZE=18446744073709551615", Some(u64::MAX)),
+            // One past u64::MAX, and the largest 20-digit value: valid, and too big for anyone.
+            ("MAIL FROM:<> SIZE=18446744073709551616", Some(u64::MAX)),
+            ("MAIL FROM:<> SIZE=99999999999999999999", Some(u64::MAX)),
+            (
+                "MAIL FROM:<a@b> SIZE=12345678901234567890",
+                Some(12_345_678_901_234_567_890),
+            ),
+        ];
+        for (line, want) in table {
+            assert_eq!(size(line), Ok(want), "{line}");
+        }
+        for bad in [
+            "MAIL FROM:<> SIZE=000000000000000000001",
+            "MAIL FROM:<> SIZE=1e3",
+            "MAIL FROM:<> SIZE= 1",
+        ] {
+            assert!(size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn invalid_utf8_is_a_syntax_error() {
         assert_eq!(
             parse_command(b"MAIL FROM:<\xff@b>"),
@@ -876,6 +924,17 @@ mod tests {
                 prop_assert!(wire.ends_with(b"\r\n"));
                 prop_assert!(e.reply().is_permanent());
             }
+        }
+
+        #[test]
+        fn any_size_of_one_to_twenty_digits_parses(digits in "[0-9]{1,20}") {
+            let line = format!("MAIL FROM:<> SIZE={digits}");
+            let want = digits.parse::<u128>().unwrap().min(u128::from(u64::MAX)) as u64;
+            let got = match parse_command(line.as_bytes()) {
+                Ok(Command::Mail { params, .. }) => params.size,
+                other => panic!("{line}: {other:?}"),
+            };
+            prop_assert_eq!(got, Some(want));
         }
 
         #[test]
