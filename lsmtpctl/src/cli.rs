@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use lsmtp_shared::admin::QueueState;
+use lsmtp_shared::shape::ShapeBy;
 use lsmtp_shared::MessageId;
 
 /// Inspect and repair the queue of a running lsmtpd through its admin socket.
@@ -22,8 +23,8 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "PATH", env = "LSMTPD_ADMIN_SOCKET")]
     pub socket: Option<PathBuf>,
 
-    /// Read a stopped daemon's spool directory instead of asking the daemon (queue list/show
-    /// only). Fails clearly if a running daemon holds it.
+    /// Read a stopped daemon's spool directory instead of asking the daemon (queue list, show
+    /// and shape only). Fails clearly if a running daemon holds it.
     #[arg(long, global = true, value_name = "DIR")]
     pub spool: Option<PathBuf>,
 
@@ -38,7 +39,10 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Version, uptime, listeners, broker connection, spool counts, counters and recent rates.
-    Status,
+    ///
+    /// With --watch it refreshes in place (on a terminal) until interrupted, adding the rates
+    /// since the previous refresh and, while mail is queued, how fast the queue drains.
+    Status(StatusArgs),
     /// List, show and change queued messages.
     #[command(subcommand)]
     Queue(QueueCommand),
@@ -71,10 +75,32 @@ pub enum Command {
     Man,
 }
 
+/// `status` options.
+#[derive(Args, Debug, Clone, Default)]
+pub struct StatusArgs {
+    /// Refresh until interrupted (Ctrl-C); with --json, one JSON object per line per refresh.
+    #[arg(short, long)]
+    pub watch: bool,
+    /// Time between refreshes with --watch (e.g. "1s", "5s").
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s",
+          value_name = "DURATION", requires = "watch")]
+    pub interval: Duration,
+    /// Stop after this many refreshes with --watch.
+    #[arg(long, value_name = "N", requires = "watch")]
+    pub count: Option<u64>,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum QueueCommand {
     /// A table of messages, oldest first: id, age, size, state, attempts, envelope, last error.
     List(ListArgs),
+    /// The queue at a glance, like Postfix's qshape: counts by age (columns under 5m, 10m, 20m,
+    /// 40m, 80m, 160m and older) per state, recipient domain, sender domain or route.
+    ///
+    /// By recipient domain every recipient counts; by sender domain and by state every message
+    /// counts once; by route every publish (one per distinct exchange and routing key of a
+    /// message's recipients) counts. TOTAL sums the rows.
+    Shape(ShapeArgs),
     /// One message: envelope, client, state, attempts, last error and headers.
     Show {
         id: MessageId,
@@ -136,6 +162,55 @@ pub struct ListArgs {
     /// At most this many (the oldest).
     #[arg(long, value_name = "N")]
     pub limit: Option<u64>,
+}
+
+/// `queue shape` options.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ShapeArgs {
+    /// What the rows are.
+    #[arg(long, value_enum, default_value = "state")]
+    pub by: ShapeByArg,
+    /// Show the N largest rows and sum the rest into one (default and most: 1000).
+    #[arg(long, value_name = "N")]
+    pub top: Option<u64>,
+    #[command(flatten)]
+    pub filter: ShapeFilter,
+}
+
+/// The `queue list` filters that make sense for `queue shape`.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ShapeFilter {
+    /// Only messages in this state.
+    #[arg(long, value_enum)]
+    pub state: Option<StateArg>,
+    /// Only senders containing this text (case-insensitive).
+    #[arg(long, value_name = "TEXT")]
+    pub from: Option<String>,
+    /// Only messages with a recipient containing this text (case-insensitive).
+    #[arg(long, value_name = "TEXT")]
+    pub to: Option<String>,
+}
+
+/// `--by` values.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ShapeByArg {
+    #[default]
+    State,
+    Domain,
+    SenderDomain,
+    /// Needs the running daemon (it knows amqp.routes).
+    Route,
+}
+
+impl From<ShapeByArg> for ShapeBy {
+    fn from(b: ShapeByArg) -> ShapeBy {
+        match b {
+            ShapeByArg::State => ShapeBy::State,
+            ShapeByArg::Domain => ShapeBy::Domain,
+            ShapeByArg::SenderDomain => ShapeBy::SenderDomain,
+            ShapeByArg::Route => ShapeBy::Route,
+        }
+    }
 }
 
 /// `--state` values.
@@ -204,6 +279,25 @@ mod tests {
         let id = MessageId::new_v7().to_string();
         assert!(Cli::try_parse_from(["lsmtpctl", "queue", "purge", &id, "--yes"]).is_ok());
         assert!(Cli::try_parse_from(["lsmtpctl", "queue", "retry", "--held"]).is_ok());
+    }
+
+    #[test]
+    fn watch_options_need_watch_and_shape_defaults_to_state() {
+        assert!(Cli::try_parse_from(["lsmtpctl", "status", "--interval", "1s"]).is_err());
+        assert!(Cli::try_parse_from(["lsmtpctl", "status", "--count", "2"]).is_err());
+        let c = Cli::try_parse_from(["lsmtpctl", "status", "-w", "--interval", "500ms"]).unwrap();
+        let Command::Status(a) = c.command else {
+            panic!("{c:?}")
+        };
+        assert!(a.watch);
+        assert_eq!(a.interval, Duration::from_millis(500));
+        let c = Cli::try_parse_from(["lsmtpctl", "queue", "shape"]).unwrap();
+        let Command::Queue(QueueCommand::Shape(a)) = c.command else {
+            panic!("{c:?}")
+        };
+        assert_eq!(a.by, ShapeByArg::State);
+        let c = Cli::try_parse_from(["lsmtpctl", "queue", "shape", "--by", "sender-domain"]);
+        assert!(c.is_ok());
     }
 
     #[test]

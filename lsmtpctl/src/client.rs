@@ -52,9 +52,12 @@ impl Backend {
                         lsmtpd::admin::handler::list_frames(l)
                     }
                     Request::Show { id, body } => lsmtpd::admin::handler::show(spool, *id, *body),
+                    Request::Shape(req) => {
+                        lsmtpd::admin::handler::shape(spool, req, lsmtpd::spool::now_ms(), None)
+                    }
                     _ => bail!(
-                        "--spool reads a stopped daemon's spool: only `queue list` and `queue \
-                         show` work offline"
+                        "--spool reads a stopped daemon's spool: only `queue list`, `queue show` \
+                         and `queue shape` work offline"
                     ),
                 };
                 for f in frames {

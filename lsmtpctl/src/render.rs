@@ -10,6 +10,7 @@ use lsmtp_shared::admin::{
     ActionEnd, ActionOutcome, DrainEnd, DrainProgress, MessageDetail, QueueEntry, QueueState,
     StatusReport, Verb,
 };
+use lsmtp_shared::shape::{QueueShape, ShapeRow};
 
 /// "45s", "12m", "3h4m", "2d3h"; "-" for the future ("in" is added by callers).
 pub fn duration(ms: u64) -> String {
@@ -287,6 +288,93 @@ pub fn status_text(s: &StatusReport) -> String {
             ),
         );
     }
+    out
+}
+
+/// `queue shape`, laid out like qshape: TOTAL, then one row per label (largest first; by state
+/// in state order), then the folded rest; columns T (the row's total) and one per age bucket
+/// (an upper bound in minutes, then `older`).
+pub fn shape_table(s: &QueueShape) -> Table {
+    let mut t = Table::new();
+    t.load_preset(presets::NOTHING)
+        .force_no_tty()
+        .set_content_arrangement(ContentArrangement::Disabled);
+    let right = |c: Cell| c.set_alignment(CellAlignment::Right);
+    let mut header = vec![Cell::new(s.by.heading()), right(Cell::new("T"))];
+    for &bound in &s.bucket_ms {
+        header.push(right(Cell::new(format!("{}m", bound / 60_000))));
+    }
+    header.push(right(Cell::new("older")));
+    t.set_header(header);
+    let row = |r: &ShapeRow| {
+        let mut cells = vec![Cell::new(clip(&r.label, 60)), right(Cell::new(r.total))];
+        cells.extend(r.buckets.iter().map(|n| right(Cell::new(n))));
+        cells
+    };
+    t.add_row(row(&s.total));
+    for r in s.rows.iter().chain(s.other.iter()) {
+        t.add_row(row(r));
+    }
+    t
+}
+
+/// The line under the shape table: what was counted, and when.
+pub fn shape_footer(s: &QueueShape) -> String {
+    let noun = |n: u64| if n == 1 { "message" } else { "messages" };
+    let unit = s.by.unit();
+    let counted = if unit == "messages" {
+        format!("{} {}", s.messages, noun(s.messages))
+    } else {
+        format!(
+            "{} {unit} of {} {}",
+            s.total.total,
+            s.messages,
+            noun(s.messages)
+        )
+    };
+    format!("{counted}, by age at {}", timestamp(s.now_ms))
+}
+
+/// `status --watch`: a heading, the status, and what changed since the previous refresh
+/// (`prev`, if any): rates per second and whether the queue drains or grows.
+pub fn watch_text(prev: Option<&StatusReport>, cur: &StatusReport, interval_ms: u64) -> String {
+    let mut out = format!(
+        "Every {}: lsmtpctl status at {} (Ctrl-C to stop)\n\n",
+        humantime::format_duration(std::time::Duration::from_millis(interval_ms)),
+        timestamp(cur.now_ms)
+    );
+    out.push_str(&status_text(cur));
+    let backlog = |s: &StatusReport| s.spool.queued + s.spool.deferred;
+    let Some(p) = prev.filter(|p| cur.now_ms > p.now_ms && cur.started_at_ms == p.started_at_ms)
+    else {
+        return out;
+    };
+    let secs = (cur.now_ms - p.now_ms) as f64 / 1000.0;
+    let per_s = |now: u64, then: u64| now.saturating_sub(then) as f64 / secs;
+    let (c, pc) = (&cur.counters, &p.counters);
+    out.push_str(&format!(
+        "{:<12}{:.1}/s accepted, {:.1}/s confirmed, {:.1}/s failed attempts\n",
+        "Now",
+        per_s(c.accepted, pc.accepted),
+        per_s(c.confirmed, pc.confirmed),
+        per_s(c.failed_attempts, pc.failed_attempts)
+    ));
+    let (was, is) = (backlog(p), backlog(cur));
+    let trend = if is == 0 {
+        "empty (nothing queued or deferred)".to_string()
+    } else if is < was {
+        let rate = (was - is) as f64 / secs;
+        let eta_ms = (is as f64 / rate * 1000.0) as u64;
+        format!(
+            "{is} to send, draining at {rate:.1}/s, empty in about {}",
+            duration(eta_ms)
+        )
+    } else if is > was {
+        format!("{is} to send, growing by {:.1}/s", (is - was) as f64 / secs)
+    } else {
+        format!("{is} to send, not moving")
+    };
+    out.push_str(&format!("{:<12}{trend}\n", "Queue"));
     out
 }
 

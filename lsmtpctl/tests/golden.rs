@@ -107,6 +107,66 @@ fn queue_table_unwrapped_when_piped() {
     check("queue_list_piped.txt", &text);
 }
 
+/// A backlog of 40 messages over two hours: four domains, two senders, every state.
+fn backlog() -> Vec<QueueEntry> {
+    let domains = ["example.net", "example.org", "slow.example", "example.com"];
+    (0..40u64)
+        .map(|i| {
+            let mut e = entries()[(i % 4) as usize].clone();
+            e.id = id(i as u8);
+            e.received_at_ms = NOW - i * i * 7_000;
+            e.state = QueueState::ALL[(i % 5) as usize];
+            e.mail_from = if i % 7 == 0 {
+                String::new()
+            } else {
+                format!("s{}@sender{}.example", i, i % 2)
+            };
+            e.rcpt_to = (0..=(i % 3))
+                .map(|k| format!("r{k}@{}", domains[((i + k) % 4) as usize]))
+                .collect();
+            e
+        })
+        .collect()
+}
+
+#[test]
+fn shape_tables() {
+    use lsmtp_shared::shape::{rows_of, QueueShape, ShapeBy};
+    let b = backlog();
+    let mut text = String::new();
+    for (by, top) in [
+        (ShapeBy::State, None),
+        (ShapeBy::Domain, None),
+        (ShapeBy::SenderDomain, Some(2)),
+    ] {
+        let s = QueueShape::compute(&b, NOW, by, top, |e| rows_of(e, by).unwrap());
+        text.push_str(&format!(
+            "{}\n{}\n\n",
+            render::shape_table(&s).trim_fmt(),
+            render::shape_footer(&s)
+        ));
+    }
+    check("shape.txt", &text);
+    for line in text.lines() {
+        assert!(line.chars().count() <= 80, "too wide: {line:?}");
+    }
+}
+
+#[test]
+fn watch_text_shows_the_drain() {
+    let before = status_report();
+    let mut after = status_report();
+    after.now_ms += 2_000;
+    after.counters.accepted += 10;
+    after.counters.confirmed += 20;
+    after.spool.queued = 4;
+    after.spool.deferred = 1;
+    let mut text = render::watch_text(None, &before, 2_000);
+    text.push_str("----\n");
+    text.push_str(&render::watch_text(Some(&before), &after, 2_000));
+    check("status_watch.txt", &text);
+}
+
 fn status_report() -> StatusReport {
     StatusReport {
         version: "0.1.0".into(),

@@ -10,8 +10,14 @@
 //!   forwarder stay the only counters.
 //! - The two latency histograms are recorded where they happen, through [`Latency`] handles that
 //!   are no-ops when the endpoint is off.
+//! - The spool's limits (`spool.max_bytes`, `spool.min_free_disk_bytes`), its file system's size
+//!   and free space (one `statvfs` per refresh) and the age of the oldest message that is not
+//!   held are exported too, so alerts need no other exporter: etc/prometheus/lsmtpd-alerts.yml
+//!   and the Grafana dashboard in etc/grafana/ use exactly these names, and a test evaluates
+//!   every one of their queries against a real Prometheus scraping a real lsmtpd.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +34,18 @@ use crate::spool::now_ms;
 
 /// How often the counters and gauges are copied from the status report.
 pub const REFRESH: Duration = Duration::from_secs(1);
+
+/// `Spool::oldest_unheld_received_ms` reads at most this many held records before it gives up.
+const OLDEST_UNHELD_SCAN: usize = 10_000;
+
+/// What the exporter reports about the spool besides the status report.
+#[derive(Debug, Clone)]
+pub struct SpoolLimits {
+    /// The spool directory, whose file system is measured.
+    pub dir: PathBuf,
+    pub max_bytes: u64,
+    pub min_free_disk_bytes: u64,
+}
 
 /// Histogram buckets in seconds, for both latencies (an fsync to a broker round trip).
 const BUCKETS: &[f64] = &[
@@ -77,8 +95,12 @@ impl Exporter {
     }
 
     /// Serves until the returned task is aborted, refreshing the status series every [`REFRESH`].
-    pub fn start(self, ctx: Arc<Context>) -> JoinHandle<()> {
+    pub fn start(self, ctx: Arc<Context>, limits: SpoolLimits) -> JoinHandle<()> {
         let series = Series::register(&self.recorder);
+        series.spool_max_bytes.set(limits.max_bytes as f64);
+        series
+            .spool_min_free_disk_bytes
+            .set(limits.min_free_disk_bytes as f64);
         let recorder = self.recorder;
         let mut serve = self.serve;
         info!(addr = %self.addr, "metrics_listening");
@@ -93,11 +115,26 @@ impl Exporter {
                         }
                         return;
                     }
-                    _ = tick.tick() => series.update(&handler::status(&ctx, now_ms())),
+                    _ = tick.tick() => {
+                        let now = now_ms();
+                        series.update(&handler::status(&ctx, now));
+                        let oldest = ctx.spool.oldest_unheld_received_ms(OLDEST_UNHELD_SCAN);
+                        series.update_spool(now, oldest, filesystem(&limits.dir));
+                    }
                 }
             }
         })
     }
+}
+
+/// (size, available to us) of the file system holding `dir`, in bytes; `None` if `statvfs`
+/// fails (the gauges then keep their last values).
+fn filesystem(dir: &std::path::Path) -> Option<(u64, u64)> {
+    let st = rustix::fs::statvfs(dir).ok()?;
+    Some((
+        st.f_blocks.saturating_mul(st.f_frsize),
+        st.f_bavail.saturating_mul(st.f_frsize),
+    ))
 }
 
 fn builder() -> anyhow::Result<PrometheusBuilder> {
@@ -148,6 +185,11 @@ struct Series {
     broker_blocked: Gauge,
     broker_topology_error: Gauge,
     topology_errors: Counter,
+    spool_max_bytes: Gauge,
+    spool_min_free_disk_bytes: Gauge,
+    spool_fs_size: Gauge,
+    spool_fs_avail: Gauge,
+    spool_oldest_unheld_age: Gauge,
 }
 
 impl Series {
@@ -165,6 +207,17 @@ impl Series {
             None,
             "Messages in the spool by state (inflight: leased to the forwarder)".into(),
         );
+        // Constant 1, labelled with the version: dashboards show what runs where.
+        let build_info = Key::from_parts(
+            "lsmtpd_build_info",
+            vec![Label::new("version", env!("CARGO_PKG_VERSION"))],
+        );
+        r.describe_gauge(
+            KeyName::from_const_str("lsmtpd_build_info"),
+            None,
+            "Always 1; the label names the lsmtpd version".into(),
+        );
+        r.register_gauge(&build_info, &metadata()).set(1.0);
         let by_state = |state: &'static str| {
             let key = Key::from_parts("lsmtpd_spool_messages", vec![Label::new("state", state)]);
             r.register_gauge(&key, &metadata())
@@ -268,6 +321,41 @@ impl Series {
                 "lsmtpd_broker_topology_errors_total",
                 "Broker connections or channels ended by a topology problem",
             ),
+            spool_max_bytes: gauge(
+                "lsmtpd_spool_max_bytes",
+                Some(Unit::Bytes),
+                "spool.max_bytes: above it new mail gets 452",
+            ),
+            spool_min_free_disk_bytes: gauge(
+                "lsmtpd_spool_min_free_disk_bytes",
+                Some(Unit::Bytes),
+                "spool.min_free_disk_bytes: below this much free space new mail gets 452",
+            ),
+            spool_fs_size: gauge(
+                "lsmtpd_spool_filesystem_size_bytes",
+                Some(Unit::Bytes),
+                "Size of the file system holding the spool",
+            ),
+            spool_fs_avail: gauge(
+                "lsmtpd_spool_filesystem_avail_bytes",
+                Some(Unit::Bytes),
+                "Free space on the spool's file system available to lsmtpd",
+            ),
+            spool_oldest_unheld_age: gauge(
+                "lsmtpd_spool_oldest_unheld_age_seconds",
+                Some(Unit::Seconds),
+                "Age of the oldest message still to be sent (queued, deferred or in flight); 0 when none",
+            ),
+        }
+    }
+
+    /// The spool gauges that are not in the status report.
+    fn update_spool(&self, now_ms: u64, oldest_unheld_ms: Option<u64>, fs: Option<(u64, u64)>) {
+        let age_ms = oldest_unheld_ms.map_or(0, |t| now_ms.saturating_sub(t));
+        self.spool_oldest_unheld_age.set(age_ms as f64 / 1000.0);
+        if let Some((size, avail)) = fs {
+            self.spool_fs_size.set(size as f64);
+            self.spool_fs_avail.set(avail as f64);
         }
     }
 
@@ -357,6 +445,7 @@ mod tests {
         s.broker.topology_error = Some("NOT_FOUND - no exchange 'mail' in vhost '/'".into());
         s.counters.topology_errors = 7;
         series.update(&s);
+        series.update_spool(10_000, Some(4_000), Some((1 << 30, 1 << 20)));
         let eod = histogram(&recorder, END_OF_DATA, "test");
         eod.observe_since(std::time::Instant::now());
         let text = recorder.handle().render();
@@ -375,6 +464,10 @@ mod tests {
             "lsmtpd_broker_blocked 0",
             "lsmtpd_broker_topology_error 1",
             "lsmtpd_broker_topology_errors_total 7",
+            "lsmtpd_spool_oldest_unheld_age_seconds 6",
+            "lsmtpd_spool_filesystem_size_bytes 1073741824",
+            "lsmtpd_spool_filesystem_avail_bytes 1048576",
+            "lsmtpd_build_info{version=\"0.1.0\"} 1",
             "lsmtpd_end_of_data_seconds_count 1",
             "lsmtpd_end_of_data_seconds_bucket{le=\"+Inf\"} 1",
             "# TYPE lsmtpd_end_of_data_seconds histogram",

@@ -160,8 +160,22 @@ impl Daemon {
             broker_nodes: config.amqp.nodes.clone(),
             socket: config.admin.socket.clone(),
             samples: Default::default(),
+            route_labels: {
+                let amqp = config.amqp.clone();
+                Arc::new(move |rcpts: &[String]| {
+                    forward::route::targets(rcpts, &amqp.routes, &amqp.exchange, &amqp.routing_key)
+                        .iter()
+                        .map(|t| admin::handler::route_label(&t.exchange, &t.routing_key))
+                        .collect()
+                })
+            },
         });
-        let exporter = exporter.map(|e| e.start(Arc::clone(&admin_ctx)));
+        let limits = exporter::SpoolLimits {
+            dir: config.spool.dir.clone(),
+            max_bytes: config.spool.max_bytes,
+            min_free_disk_bytes: config.spool.min_free_disk_bytes,
+        };
+        let exporter = exporter.map(|e| e.start(Arc::clone(&admin_ctx), limits));
         let admin = admin_listener.start(admin_ctx, token);
         Ok(Daemon {
             smtp_addrs,

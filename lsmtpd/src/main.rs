@@ -1,8 +1,8 @@
 //! `lsmtpd`: reads the configuration, sets up logging and signals, runs the daemon.
 
+mod logging;
 mod notify;
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -76,11 +76,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(|| LossyStderr)
-        .init();
+    let sink = logging::init(&config.log, filter);
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -88,7 +84,10 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("lsmtpd: cannot start the runtime: {e}");
+            error!(error = %e, "runtime_failed");
+            if sink == logging::Sink::Text {
+                eprintln!("lsmtpd: cannot start the runtime: {e}");
+            }
             return ExitCode::FAILURE;
         }
     };
@@ -96,7 +95,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");
-            eprintln!("lsmtpd: {e:#}");
+            // The text log may be filtered; JSON and journald readers get the event alone.
+            if sink == logging::Sink::Text {
+                eprintln!("lsmtpd: {e:#}");
+            }
             ExitCode::FAILURE
         }
     }
@@ -166,22 +168,6 @@ fn quiet_lapin(level: &str) -> String {
         level.to_owned()
     } else {
         format!("{level},lapin::channel=off")
-    }
-}
-
-/// stderr that never fails: a daemon must keep serving mail when its log reader goes away
-/// (tracing-subscriber would otherwise report the failed write with a panicking `eprintln!`).
-struct LossyStderr;
-
-impl std::io::Write for LossyStderr {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let _ = std::io::stderr().write_all(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        let _ = std::io::stderr().flush();
-        Ok(())
     }
 }
 

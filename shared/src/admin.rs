@@ -22,8 +22,12 @@
 //! is not allowed to administer the daemon gets one [`ErrorKind::PermissionDenied`] frame before
 //! the daemon closes the connection.
 //!
-//! Compatibility: adding an optional field (`#[serde(default)]`) is compatible; anything else
-//! bumps [`PROTOCOL`].
+//! Compatibility: adding an optional field (`#[serde(default)]`) is compatible, and so is adding a
+//! request together with the responses only it gets (an older daemon answers the new request
+//! with `BadRequest` "unknown variant", which lsmtpctl reports as a daemon too old for that
+//! command; everything else still works). Anything else bumps [`PROTOCOL`].
+//!
+//! Added in protocol 1 after the first release: `shape` → `Shape` (lsmtpctl queue shape).
 
 use serde::{Deserialize, Serialize};
 
@@ -76,6 +80,20 @@ pub enum Request {
         #[serde(default)]
         timeout_ms: Option<u64>,
     },
+    /// The queue by age bucket (`lsmtpctl queue shape`). Answer: `Shape`.
+    Shape(ShapeRequest),
+}
+
+/// What `queue shape` asks for.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShapeRequest {
+    pub by: crate::shape::ShapeBy,
+    /// Only messages that pass this filter (its `limit` is ignored).
+    pub filter: ListFilter,
+    /// At most this many rows (the largest); the rest are summed in one row. Default and cap:
+    /// [`crate::shape::MAX_ROWS`].
+    pub top: Option<u64>,
 }
 
 /// An operator verb: exactly one spool transition each (see the spool's transition table).
@@ -497,6 +515,8 @@ pub enum Response {
     ActionEnd(ActionEnd),
     /// Drain progress; final when `end` is set.
     Drain(DrainProgress),
+    /// The answer to `shape`.
+    Shape(Box<crate::shape::QueueShape>),
     Error(ErrorReply),
 }
 
@@ -512,6 +532,7 @@ impl Response {
             | Response::ListEnd { .. }
             | Response::BodyEnd { .. }
             | Response::ActionEnd(_)
+            | Response::Shape(_)
             | Response::Error(_) => true,
         }
     }

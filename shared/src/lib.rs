@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod frame;
+pub mod shape;
 
 use std::fmt;
 use std::str::FromStr;

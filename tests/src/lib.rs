@@ -168,6 +168,11 @@ impl Lsmtpd {
         self.log.lock().map(|l| l.join("\n")).unwrap_or_default()
     }
 
+    /// The collected log, which outlives the process (for lines logged while it exits).
+    pub fn log_handle(&self) -> Arc<Mutex<Vec<String>>> {
+        Arc::clone(&self.log)
+    }
+
     /// The address of the first `<event> addr=...` line logged so far (e.g. `proxy_listening`).
     pub fn event_addr(&self, event: &str) -> Option<SocketAddr> {
         self.log
@@ -261,8 +266,16 @@ fn parse_listening(line: &str) -> Option<SocketAddr> {
 }
 
 /// Parses `... <event> addr=127.0.0.1:2525` from a log line; `event` must be a whole word, so
-/// `listening` does not match `metrics_listening`.
+/// `listening` does not match `metrics_listening`. A JSON line (`log.format: Json`) matches when
+/// its `message` is `event`.
 pub fn parse_event_addr(line: &str, event: &str) -> Option<SocketAddr> {
+    if line.starts_with('{') {
+        let v: serde_json::Value = serde_json::from_str(line).ok()?;
+        if v.get("message")?.as_str()? != event {
+            return None;
+        }
+        return v.get("addr")?.as_str()?.parse().ok();
+    }
     if !line.split_whitespace().any(|w| w == event) {
         return None;
     }
@@ -283,6 +296,48 @@ pub fn test_config(dir: &Path, smtp_extra: &str, amqp: Option<&str>) -> String {
         spool = dir.join("spool").display().to_string(),
         sock = dir.join("lsmtpd.sock").display().to_string(),
     )
+}
+
+/// A loopback address:port nothing listens on right now (for endpoints that cannot report a
+/// port they chose themselves, like `metrics.listen`, or for a dead target).
+pub fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+}
+
+/// `config` (from [`test_config`]) with `metrics: (listen: Some(addr))` added.
+pub fn with_metrics(config: &str, addr: SocketAddr) -> String {
+    assert!(
+        config.contains("  shutdown:"),
+        "not a test_config: {config}"
+    );
+    let section = format!("  metrics: (listen: Some(\"{addr}\")),\n  shutdown:");
+    config.replacen("  shutdown:", &section, 1)
+}
+
+/// Sends `n` small messages (`from@example.org` → `to@example.net`) on one connection and
+/// returns their ids; any reply but 250 fails.
+pub async fn send_messages(addr: SocketAddr, n: usize) -> Result<Vec<String>> {
+    let (mut c, _) = RawClient::connect(addr).await?;
+    c.cmd("EHLO e2e.test").await?;
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let body = format!("Subject: m{i}\r\n\r\nhello {i}\r\n");
+        let r = c
+            .send_message(
+                "from@example.org",
+                &["to@example.net"],
+                &stuff(body.as_bytes()),
+            )
+            .await?;
+        if r.code != 250 {
+            bail!("message {i}: {}", r.text());
+        }
+        ids.push(queued_id(&r).context("no id in the 250")?);
+    }
+    c.cmd("QUIT").await?;
+    Ok(ids)
 }
 
 /// A byte stream a [`RawClient`] can talk over: TCP, or TLS over TCP (see [`tls`]).

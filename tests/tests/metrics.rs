@@ -35,14 +35,6 @@ fn sample(text: &str, series: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// A port nothing listens on right now (the exporter cannot report a port it chose itself).
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 #[test]
 fn prometheus_endpoint_shows_counters_gauges_and_latencies() {
     let vhost = Vhost::new();
@@ -57,10 +49,7 @@ fn prometheus_endpoint_shows_counters_gauges_and_latencies() {
          reconnect: (initial: \"100ms\", max: \"500ms\"))",
         vhost.name
     );
-    let cfg = test_config(dir.path(), "", Some(&amqp));
-    let section = format!("  metrics: (listen: Some(\"{metrics_addr}\")),\n  shutdown:");
-    assert!(cfg.contains("  shutdown:"));
-    let cfg = cfg.replacen("  shutdown:", &section, 1);
+    let cfg = with_metrics(&test_config(dir.path(), "", Some(&amqp)), metrics_addr);
     let d = Lsmtpd::start(dir.path(), &cfg, &[]).unwrap();
     let logged = d
         .log_text()

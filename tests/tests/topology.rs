@@ -346,7 +346,8 @@ fn a_missing_exchange_is_a_topology_error_until_it_exists_also_when_deleted_late
         s["broker"]["topology_error"].is_null() && s["spool"]["queued"] == 0
     });
     assert!(s["broker"]["topology_error"].is_null(), "{s}");
-    assert!(d.log_text().contains("broker_topology_ok"));
+    d.wait_for_log("broker_topology_ok", Duration::from_secs(10))
+        .unwrap();
     // Deleted while lsmtpd publishes into it: the publish closes the channel with 404.
     rt.block_on(ch.exchange_delete("events".into(), ExchangeDeleteOptions::default()))
         .unwrap();

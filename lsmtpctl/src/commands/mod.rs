@@ -24,7 +24,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     let mut backend = backend(&cli)?;
     match cli.command {
-        Command::Status => status::run(&mut backend, cli.json),
+        Command::Status(args) => status::run(&mut backend, &args, cli.json),
         Command::Queue(q) => queue::run(&mut backend, q, cli.json),
         Command::Drain { timeout } => drain::run(&mut backend, timeout, cli.json),
         Command::Completions { .. } | Command::Man | Command::HashPassword { .. } => {
@@ -38,13 +38,15 @@ fn backend(cli: &Cli) -> anyhow::Result<Backend> {
         let offline_ok = matches!(
             &cli.command,
             Command::Queue(
-                crate::cli::QueueCommand::List(_) | crate::cli::QueueCommand::Show { .. }
+                crate::cli::QueueCommand::List(_)
+                    | crate::cli::QueueCommand::Show { .. }
+                    | crate::cli::QueueCommand::Shape(_)
             )
         );
         if !offline_ok {
             bail!(
-                "--spool reads a stopped daemon's spool: only `queue list` and `queue show` work \
-                 offline"
+                "--spool reads a stopped daemon's spool: only `queue list`, `queue show` and \
+                 `queue shape` work offline"
             );
         }
         return Ok(Backend::Offline(client::open_offline(dir)?));

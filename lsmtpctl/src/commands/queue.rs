@@ -5,19 +5,20 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, bail};
 use lsmtp_shared::admin::{
-    ActionEnd, ActionOutcome, ListFilter, QueueEntry, QueueState, Request, Response, Selection,
-    Verb,
+    ActionEnd, ActionOutcome, ErrorKind, ListFilter, QueueEntry, QueueState, Request, Response,
+    Selection, ShapeRequest, Verb,
 };
 use lsmtp_shared::frame::body_from_base64;
 use lsmtp_shared::MessageId;
 
-use crate::cli::{ListArgs, QueueCommand, Targets};
+use crate::cli::{ListArgs, QueueCommand, ShapeArgs, Targets};
 use crate::client::{reply_error, unexpected, Backend, Refused};
 use crate::render;
 
 pub fn run(backend: &mut Backend, cmd: QueueCommand, json: bool) -> anyhow::Result<ExitCode> {
     match cmd {
         QueueCommand::List(args) => list(backend, &args, json),
+        QueueCommand::Shape(args) => shape(backend, &args, json),
         QueueCommand::Show { id, body } => show(backend, id, body, json),
         QueueCommand::Retry(t) => act(backend, Verb::Retry, selection(&t), json),
         QueueCommand::Hold { ids } => act(backend, Verb::Hold, Selection::Ids(ids), json),
@@ -93,6 +94,45 @@ fn list(backend: &mut Backend, args: &ListArgs, json: bool) -> anyhow::Result<Ex
     }
     out.flush()?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn shape(backend: &mut Backend, args: &ShapeArgs, json: bool) -> anyhow::Result<ExitCode> {
+    let req = Request::Shape(ShapeRequest {
+        by: args.by.into(),
+        filter: ListFilter {
+            state: args.filter.state.map(QueueState::from),
+            from: args.filter.from.clone(),
+            to: args.filter.to.clone(),
+            ..ListFilter::default()
+        },
+        top: args.top,
+    });
+    let shape = match backend.collect(&req)?.into_iter().next() {
+        Some(Response::Shape(s)) => s,
+        Some(Response::Error(e)) if too_old_for_shape(&e) => bail!(
+            "this lsmtpd is older than lsmtpctl and does not know `queue shape`; upgrade the \
+             daemon (the daemon said: {})",
+            e.message
+        ),
+        Some(Response::Error(e)) => return Err(reply_error(e)),
+        Some(other) => return Err(unexpected("shape", &other)),
+        None => bail!("protocol error: no answer to shape"),
+    };
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &shape)?;
+        writeln!(out)?;
+    } else {
+        writeln!(out, "{}", render::shape_table(&shape).trim_fmt())?;
+        writeln!(out, "{}", render::shape_footer(&shape))?;
+    }
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// An older daemon cannot decode the `shape` request (see the protocol's compatibility rule).
+fn too_old_for_shape(e: &lsmtp_shared::admin::ErrorReply) -> bool {
+    e.kind == ErrorKind::BadRequest && e.message.contains("unknown variant `shape`")
 }
 
 fn show(backend: &mut Backend, id: MessageId, body: bool, json: bool) -> anyhow::Result<ExitCode> {
@@ -224,4 +264,29 @@ fn act(
     } else {
         ExitCode::SUCCESS
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An older daemon's `Request` has no `shape` variant; the error it sends back is serde's.
+    #[test]
+    fn an_older_daemons_refusal_of_shape_is_recognised() {
+        #[derive(Debug, serde::Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        #[allow(dead_code)]
+        enum OldRequest {
+            Status {},
+            List(ListFilter),
+        }
+        let frame =
+            lsmtp_shared::frame::encode(&Request::Shape(ShapeRequest::default())).expect("encodes");
+        let err = lsmtp_shared::frame::decode::<OldRequest>(&frame[..frame.len() - 1])
+            .expect_err("an old daemon cannot decode it");
+        let reply = lsmtp_shared::admin::ErrorReply::new(ErrorKind::BadRequest, err.to_string());
+        assert!(too_old_for_shape(&reply), "{reply:?}");
+        let other = lsmtp_shared::admin::ErrorReply::new(ErrorKind::BadRequest, "bad json");
+        assert!(!too_old_for_shape(&other));
+    }
 }

@@ -13,9 +13,10 @@ use std::sync::{Arc, Mutex};
 use lsmtp_shared::admin::{
     ActionEnd, ActionOutcome, BrokerReport, Counters, DrainProgress, ErrorKind, ErrorReply,
     ListFilter, MessageDetail, QueueEntry, QueueState, Rates, Request, Response, Selection,
-    SpoolReport, StatusReport, Verb, MAX_HEADER_BYTES,
+    ShapeRequest, SpoolReport, StatusReport, Verb, MAX_HEADER_BYTES,
 };
 use lsmtp_shared::frame::{body_to_base64, pages, BODY_CHUNK_BYTES};
+use lsmtp_shared::shape::{rows_of, QueueShape, ShapeBy};
 
 use crate::forward::StatusView;
 use crate::metrics::Metrics;
@@ -32,7 +33,13 @@ pub struct Context {
     pub socket: PathBuf,
     /// Counter samples for "recent rates", oldest first (see [`RATE_WINDOW_MS`]).
     pub samples: Mutex<VecDeque<Sample>>,
+    /// The AMQP targets of a message's recipients, for `queue shape --by route`.
+    pub route_labels: RouteLabels,
 }
+
+/// Names the distinct AMQP targets (`exchange → routing key`) a message with these recipients is
+/// published to. Built from `amqp` by `Daemon::start`.
+pub type RouteLabels = Arc<dyn Fn(&[String]) -> Vec<String> + Send + Sync>;
 
 /// Rates cover about this much recent time.
 pub const RATE_WINDOW_MS: u64 = 60_000;
@@ -104,6 +111,17 @@ pub async fn respond(req: Request, ctx: &Context) -> Vec<Response> {
             }
         }
         Request::Show { id, body } => show(&ctx.spool, id, body),
+        Request::Shape(req) => {
+            let spool = ctx.spool.clone();
+            let routes = Arc::clone(&ctx.route_labels);
+            tokio::task::spawn_blocking(move || shape(&spool, &req, now_ms(), Some(&routes)))
+                .await
+                .unwrap_or_else(|e| {
+                    vec![Response::Error(spool_error(&SpoolError::Io(
+                        std::io::Error::other(e),
+                    )))]
+                })
+        }
         Request::Act { verb, select } => act(ctx, verb, select).await,
         Request::Hello(_) => vec![Response::error(
             ErrorKind::BadRequest,
@@ -199,6 +217,50 @@ pub fn list(spool: &Spool, filter: &ListFilter, now: u64) -> Result<Listing, Spo
         matched,
         total,
     })
+}
+
+/// `queue shape`: the spool counted by age bucket and `req.by`. `routes` names the AMQP targets
+/// (`None` offline, where `--by route` is refused). Blocking (reads sled); used offline by
+/// lsmtpctl too.
+pub fn shape(
+    spool: &Spool,
+    req: &ShapeRequest,
+    now: u64,
+    routes: Option<&RouteLabels>,
+) -> Vec<Response> {
+    if req.by == ShapeBy::Route && routes.is_none() {
+        return vec![Response::error(
+            ErrorKind::BadRequest,
+            "--by route needs the running daemon: only it knows amqp.routes",
+        )];
+    }
+    let all = match spool.list() {
+        Ok(all) => all,
+        Err(e) => return vec![Response::Error(spool_error(&e))],
+    };
+    let entries = all
+        .iter()
+        .map(|(r, leased)| queue_entry(r, *leased))
+        .filter(|e| req.filter.matches(e, now))
+        .collect::<Vec<_>>();
+    let counted = QueueShape::compute(&entries, now, req.by, req.top, |e| {
+        match (rows_of(e, req.by), routes) {
+            (Some(rows), _) => rows,
+            (None, Some(route)) => route(&e.rcpt_to).into_iter().map(|l| (l, 1)).collect(),
+            (None, None) => Vec::new(),
+        }
+    });
+    vec![Response::Shape(Box::new(counted))]
+}
+
+/// `exchange → routing key` as `queue shape --by route` shows a target.
+pub fn route_label(exchange: &str, routing_key: &str) -> String {
+    let exchange = if exchange.is_empty() {
+        "(default exchange)"
+    } else {
+        exchange
+    };
+    format!("{exchange} → {routing_key}")
 }
 
 /// A listing as response frames: `Entries` pages, then `ListEnd`.
@@ -611,6 +673,23 @@ mod tests {
             broker_nodes: vec!["127.0.0.1:5672".into()],
             socket: "x.sock".into(),
             samples: Mutex::default(),
+            route_labels: Arc::new(|rcpts: &[String]| {
+                let mut labels: Vec<String> = rcpts
+                    .iter()
+                    .map(|r| {
+                        route_label(
+                            "mail",
+                            if r.ends_with("@vip.example") {
+                                "vip"
+                            } else {
+                                "all"
+                            },
+                        )
+                    })
+                    .collect();
+                labels.dedup();
+                labels
+            }),
         };
         Fixture {
             _dir: dir,
@@ -624,6 +703,71 @@ mod tests {
             Some(Response::ActionEnd(e)) => *e,
             other => panic!("no ActionEnd: {other:?}"),
         }
+    }
+
+    fn shape_of(frames: Vec<Response>) -> QueueShape {
+        match frames.into_iter().next() {
+            Some(Response::Shape(s)) => *s,
+            other => panic!("no Shape: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn shape_counts_the_spool_by_state_domain_and_route() {
+        let f = fixture(3).await;
+        act(&f.ctx, Verb::Hold, Selection::Ids(vec![f.ids[0]])).await;
+        let by = |by: ShapeBy| {
+            let req = ShapeRequest {
+                by,
+                ..Default::default()
+            };
+            shape_of(shape(
+                &f.ctx.spool,
+                &req,
+                now_ms(),
+                Some(&f.ctx.route_labels),
+            ))
+        };
+        let s = by(ShapeBy::State);
+        let counts: Vec<_> = s.rows.iter().map(|r| (r.label.as_str(), r.total)).collect();
+        assert_eq!(
+            counts,
+            [
+                ("queued", 2),
+                ("deferred", 0),
+                ("inflight", 0),
+                ("held", 1),
+                ("unreadable", 0)
+            ]
+        );
+        // Just received: everything is in the first column.
+        assert_eq!(s.total.buckets[0], 3);
+        let s = by(ShapeBy::Domain);
+        assert_eq!(s.rows[0].label, "example.net");
+        assert_eq!(s.rows[0].total, 3);
+        let s = by(ShapeBy::Route);
+        assert_eq!(s.rows[0].label, "mail → all");
+        // The filter applies: only the held message.
+        let req = ShapeRequest {
+            by: ShapeBy::SenderDomain,
+            filter: ListFilter {
+                state: Some(QueueState::Held),
+                ..Default::default()
+            },
+            top: None,
+        };
+        let s = shape_of(shape(&f.ctx.spool, &req, now_ms(), None));
+        assert_eq!((s.messages, s.rows[0].label.as_str()), (1, "example.org"));
+        // Offline there are no routes to name.
+        let req = ShapeRequest {
+            by: ShapeBy::Route,
+            ..Default::default()
+        };
+        let frames = shape(&f.ctx.spool, &req, now_ms(), None);
+        assert!(
+            matches!(&frames[..], [Response::Error(e)] if e.kind == ErrorKind::BadRequest),
+            "{frames:?}"
+        );
     }
 
     #[tokio::test]

@@ -38,18 +38,52 @@ pub struct MetricsConfig {
     pub listen: Option<SocketAddr>,
 }
 
-/// Logging to stderr.
+/// Logging to stderr, or to journald's native protocol when stderr is the journal.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
     /// A tracing filter such as "info" or "lsmtpd=debug". `RUST_LOG` overrides it.
     pub level: String,
+    /// How lines on stderr look: `Text` (for people) or `Json` (one object per line, for log
+    /// shippers). Default `Text`.
+    pub format: LogFormat,
+    /// When `JOURNAL_STREAM` says stderr is connected to journald (systemd sets it), send each
+    /// event to journald's native socket instead, with its fields as journal fields (`MSG_ID`,
+    /// `SENDER`, ...). Default true; `false` keeps `format` on stderr under systemd too.
+    pub journald: bool,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             level: "info".to_string(),
+            format: LogFormat::Text,
+            journald: true,
+        }
+    }
+}
+
+/// `log.format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum LogFormat {
+    /// `2026-12-04T15:00:00.123Z  INFO session{peer=…}: lsmtpd::smtp::session: message_spooled
+    /// msg_id=… sender=…`
+    #[default]
+    Text,
+    /// `{"timestamp":…,"level":"INFO","message":"message_spooled","msg_id":…,"target":…,
+    /// "span":{"name":"session","peer":…}}`, one object per line.
+    Json,
+}
+
+impl LogFormat {
+    /// Parses `LSMTPD_LOG_FORMAT` (case-insensitive `text` or `json`).
+    pub fn parse(v: &str) -> Option<LogFormat> {
+        if v.eq_ignore_ascii_case("text") {
+            Some(LogFormat::Text)
+        } else if v.eq_ignore_ascii_case("json") {
+            Some(LogFormat::Json)
+        } else {
+            None
         }
     }
 }

@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{Config, Problem, SmtpConfig};
+use super::{Config, LogFormat, Problem, SmtpConfig};
 
 /// Environment variables we read, in the order `apply_env` applies them. The first twelve are the
 /// original LSMTPD's names, so an existing env file works unchanged.
@@ -25,6 +25,7 @@ pub const ENV_VARS: &[&str] = &[
     "LSMTPD_SPOOL_DIR",
     "LSMTPD_ADMIN_SOCKET",
     "LSMTPD_LOG",
+    "LSMTPD_LOG_FORMAT",
     "LSMTPD_METRICS_LISTEN",
     "LSMTPD_TLS_CERT",
     "LSMTPD_TLS_KEY",
@@ -167,6 +168,15 @@ impl Config {
         }
         if let Some(v) = get("LSMTPD_LOG") {
             self.log.level = v;
+        }
+        if let Some(v) = get("LSMTPD_LOG_FORMAT") {
+            match LogFormat::parse(&v) {
+                Some(f) => self.log.format = f,
+                None => problems.push(Problem::new(
+                    "LSMTPD_LOG_FORMAT",
+                    format!("{v:?} is not a log format (text or json)"),
+                )),
+            }
         }
         if let Some(v) = get("LSMTPD_METRICS_LISTEN") {
             match v.parse::<SocketAddr>() {

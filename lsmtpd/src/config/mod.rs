@@ -28,7 +28,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 pub use amqp::AmqpConfig;
-pub use daemon::{AdminConfig, LogConfig, MetricsConfig, ShutdownConfig};
+pub use daemon::{AdminConfig, LogConfig, LogFormat, MetricsConfig, ShutdownConfig};
 pub use env::ENV_VARS;
 pub use problem::Problem;
 pub use smtp::{
@@ -221,6 +221,27 @@ mod tests {
         assert_eq!(c.amqp.routing_key, "inbound");
         assert_eq!(c.spool.dir, PathBuf::from("/var/lib/x"));
         assert_eq!(c.admin.socket, PathBuf::from("/run/x.sock"));
+    }
+
+    #[test]
+    fn log_format_is_text_by_default_and_set_by_file_or_env() {
+        assert_eq!(Config::default().log.format, LogFormat::Text);
+        assert!(Config::default().log.journald);
+        let mut c = Config::from_ron("(log: (format: Json, journald: false))").unwrap();
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert!(!c.log.journald);
+        c.apply_env(&env_of(&[("LSMTPD_LOG_FORMAT", "TEXT")]))
+            .unwrap();
+        assert_eq!(c.log.format, LogFormat::Text);
+        c.apply_env(&env_of(&[("LSMTPD_LOG_FORMAT", "json")]))
+            .unwrap();
+        assert_eq!(c.log.format, LogFormat::Json);
+        let errs = c
+            .apply_env(&env_of(&[("LSMTPD_LOG_FORMAT", "logfmt")]))
+            .unwrap_err();
+        assert_eq!(errs[0].setting, "LSMTPD_LOG_FORMAT");
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert!(Config::from_ron("(log: (format: Yaml))").is_err());
     }
 
     #[test]

@@ -736,6 +736,23 @@ impl Spool {
         }
     }
 
+    /// `received_at_ms` of the oldest message that is not held (queued, deferred or in flight),
+    /// for the "oldest queued message" alert, which held mail must not keep firing. Reads `meta`
+    /// from the oldest entry and skips held records; `None` when there is none, or when the
+    /// first `max_scan` records are all held (then it is unknown, not zero).
+    pub fn oldest_unheld_received_ms(&self, max_scan: usize) -> Option<u64> {
+        for item in self.inner.meta.iter().take(max_scan) {
+            let (key, raw) = item.ok()?;
+            let id = decode_meta_key(&key)?;
+            match record::decode(id, &raw) {
+                Ok(r) if matches!(r.state, State::Held { .. }) => continue,
+                Ok(r) => return Some(r.received_at_ms),
+                Err(_) => continue, // held as unreadable by whoever reads it
+            }
+        }
+        None
+    }
+
     /// Admin: Deferred|Held → Queued(now). `Conflict` otherwise or if leased.
     pub async fn retry(&self, id: MessageId) -> Result<(), SpoolError> {
         self.admin(id, AdminVerb::Retry).await

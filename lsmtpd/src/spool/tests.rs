@@ -266,6 +266,42 @@ async fn used_bytes_accounting_survives_reopen() {
 }
 
 #[tokio::test]
+async fn oldest_unheld_skips_held_mail_and_says_unknown_past_its_scan() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&cfg(tmp.path())).unwrap();
+    assert_eq!(spool.oldest_unheld_received_ms(10), None);
+    let mut ms = Vec::new();
+    for age in [3_000_000u64, 2_000_000, 1_000_000] {
+        let mut m = message(&b"x"[..]);
+        m.received_at_ms = now_ms() - age;
+        ms.push(m.clone());
+        spool.accept(m).await.unwrap();
+    }
+    assert_eq!(
+        spool.oldest_unheld_received_ms(10),
+        Some(ms[0].received_at_ms)
+    );
+    spool.hold_manual(ms[0].id).await.unwrap();
+    assert_eq!(
+        spool.oldest_unheld_received_ms(10),
+        Some(ms[1].received_at_ms)
+    );
+    // A deferred message is still waiting to be sent.
+    spool.lease_due(now_ms(), 1).unwrap();
+    spool.defer(ms[1].id, FAR, "later", true).await.unwrap();
+    assert_eq!(
+        spool.oldest_unheld_received_ms(10),
+        Some(ms[1].received_at_ms)
+    );
+    spool.hold_manual(ms[1].id).await.unwrap();
+    assert_eq!(spool.oldest_unheld_received_ms(2), None);
+    assert_eq!(
+        spool.oldest_unheld_received_ms(3),
+        Some(ms[2].received_at_ms)
+    );
+}
+
+#[tokio::test]
 async fn check_capacity_is_full_above_max_bytes_or_below_min_free_disk() {
     let tmp = tempfile::tempdir().unwrap();
     let mut c = cfg(tmp.path());
