@@ -555,3 +555,47 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
         .expect("runtime")
         .block_on(f)
 }
+
+/// Consumes `queue` at `uri` (auto-ack, consumer tag `tag`) on a task of its own and sends each
+/// delivery's `message_id` (empty when it has none) with its arrival time, until the receiver
+/// is dropped. For the benchmark tools, which count lost messages and duplicates.
+pub async fn consume_message_ids(
+    uri: &str,
+    queue: &str,
+    tag: &str,
+) -> Result<tokio::sync::mpsc::UnboundedReceiver<(String, std::time::Instant)>> {
+    use futures_util::StreamExt;
+    use lapin::options::BasicConsumeOptions;
+    let conn = lapin::Connection::connect(uri, lapin::ConnectionProperties::default())
+        .await
+        .with_context(|| format!("cannot connect to {uri}"))?;
+    let ch = conn.create_channel().await?;
+    let mut consumer = ch
+        .basic_consume(
+            queue.into(),
+            tag.into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .with_context(|| format!("cannot consume from {queue}"))?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let _keep = (conn, ch);
+        while let Some(Ok(delivery)) = consumer.next().await {
+            let id = delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            if tx.send((id, std::time::Instant::now())).is_err() {
+                break;
+            }
+        }
+    });
+    Ok(rx)
+}

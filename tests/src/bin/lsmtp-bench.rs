@@ -7,7 +7,9 @@
 //! TLS: `--starttls` (EHLO, STARTTLS, EHLO on every connection) or `--tls` (implicit TLS, RFC
 //! 8314), trusting `--ca FILE` or, for benchmarks only, any certificate (`--insecure`). Every
 //! connection runs a full handshake (no session resumption). `--connect-only` measures
-//! connections instead of messages: connect (+ TLS), EHLO, QUIT.
+//! connections instead of messages: connect (+ TLS), EHLO, QUIT. `--idle DURATION` opens
+//! `--clients` connections, says EHLO on each, keeps them all open and silent for DURATION (the
+//! memory an idle connection costs), then QUITs: -m and -s are ignored.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -83,6 +85,14 @@ struct Args {
     /// Count connections, not messages: each of the -m units is connect (+ TLS), EHLO, QUIT.
     #[arg(long)]
     connect_only: bool,
+    /// Idle connections: open --clients connections (connect, EHLO), keep every one open and
+    /// silent for this long once all are open, then QUIT. Ignores -m, -s, -k.
+    #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "connect_only")]
+    idle: Option<Duration>,
+    /// Declare the message size in MAIL FROM (`SIZE=`, RFC 1870), as MTAs do when the server
+    /// offers SIZE.
+    #[arg(long)]
+    mail_size: bool,
 }
 
 #[derive(Default)]
@@ -91,6 +101,7 @@ struct Shared {
     done: AtomicU64,
 }
 
+#[derive(Default)]
 struct ClientResult {
     ids: Vec<String>,
     latencies_us: Vec<u64>,
@@ -123,18 +134,25 @@ async fn main() -> Result<()> {
     let shared = Arc::new(Shared::default());
     let cpu_before = args.pid.map(proc_cpu_us).transpose()?;
     let consumer = match (&args.amqp, &args.queue) {
-        (Some(uri), Some(queue)) => Some(start_consumer(uri, queue).await?),
+        (Some(uri), Some(queue)) => {
+            Some(lsmtp_e2e::consume_message_ids(uri, queue, "lsmtp-bench").await?)
+        }
         _ => None,
     };
     let started = Instant::now();
     let mut tasks = Vec::new();
+    // --idle: every connection waits here until all are open (or failed), then holds.
+    let all_open = Arc::new(tokio::sync::Barrier::new(args.clients));
     for _ in 0..args.clients {
         let args = args.clone();
         let stuffed = Arc::clone(&stuffed);
         let shared = Arc::clone(&shared);
         let tls = tls.clone();
+        let all_open = Arc::clone(&all_open);
         tasks.push(tokio::spawn(async move {
-            if args.connect_only {
+            if let Some(hold) = args.idle {
+                idle(args, tls, shared, all_open, hold).await
+            } else if args.connect_only {
                 connect_only(args, tls, shared).await
             } else {
                 client(args, stuffed, tls, shared).await
@@ -163,9 +181,10 @@ async fn main() -> Result<()> {
         None => None,
     };
     latencies.sort_unstable();
-    // In --connect-only mode a unit is a connection that ended with 221 to QUIT.
+    // In --connect-only and --idle mode a unit is a connection that ended with 221 to QUIT.
+    let per_connection_mode = args.connect_only || args.idle.is_some();
     let accepted = codes
-        .get(if args.connect_only { &221 } else { &250 })
+        .get(if per_connection_mode { &221 } else { &250 })
         .copied()
         .unwrap_or(0);
     let rate = accepted as f64 / elapsed.as_secs_f64();
@@ -192,6 +211,7 @@ async fn main() -> Result<()> {
             "per_connection": args.per_connection, "pipelining": args.pipelining,
             "tls": if args.tls { "implicit" } else if args.starttls { "starttls" } else { "none" },
             "connect_only": args.connect_only,
+            "idle_s": args.idle.map(|d| d.as_secs_f64()), "mail_size": args.mail_size,
             "elapsed_s": elapsed.as_secs_f64(), "accepted": accepted, "accepted_per_s": rate,
             "latency_ms": {"p50": pct(0.50), "p99": pct(0.99), "p999": pct(0.999), "max": pct(1.0)},
             "replies": codes, "connection_errors": errors,
@@ -211,24 +231,24 @@ async fn main() -> Result<()> {
         } else {
             "none"
         };
+        let mode = match (args.connect_only, args.idle) {
+            (true, _) => "  connect-only".to_owned(),
+            (false, Some(hold)) => format!("  idle {hold:?}"),
+            (false, None) => String::new(),
+        };
         println!(
-            "clients {}  messages {}  size {} B  per connection {}  pipelining {}  tls {tls_mode}{}",
-            args.clients,
-            args.messages,
-            args.size,
-            args.per_connection,
-            args.pipelining,
-            if args.connect_only { "  connect-only" } else { "" }
+            "clients {}  messages {}  size {} B  per connection {}  pipelining {}  tls {tls_mode}{mode}",
+            args.clients, args.messages, args.size, args.per_connection, args.pipelining,
         );
         println!("elapsed            {:>10.3} s", elapsed.as_secs_f64());
-        if args.connect_only {
+        if per_connection_mode {
             println!("connections        {accepted:>10}  ({rate:.0} conn/s)");
         } else {
             println!("accepted           {accepted:>10}  ({rate:.0} msg/s)");
         }
         println!(
             "{}  p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms",
-            if args.connect_only {
+            if per_connection_mode {
                 "connect→221 (QUIT)"
             } else {
                 "end-of-DATA→reply "
@@ -265,47 +285,6 @@ struct EndToEnd {
     arrived: usize,
     lost: usize,
     duplicates: usize,
-}
-
-/// Consumes `queue` (auto-ack) and forwards each message id with its arrival time.
-async fn start_consumer(
-    uri: &str,
-    queue: &str,
-) -> Result<tokio::sync::mpsc::UnboundedReceiver<(String, Instant)>> {
-    use futures_util::StreamExt;
-    use lapin::options::BasicConsumeOptions;
-    let conn = lapin::Connection::connect(uri, lapin::ConnectionProperties::default())
-        .await
-        .with_context(|| format!("cannot connect to {uri}"))?;
-    let ch = conn.create_channel().await?;
-    let mut consumer = ch
-        .basic_consume(
-            queue.into(),
-            "lsmtp-bench".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            Default::default(),
-        )
-        .await
-        .with_context(|| format!("cannot consume from {queue}"))?;
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let _keep = (conn, ch);
-        while let Some(Ok(delivery)) = consumer.next().await {
-            let id = delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|s| s.to_string())
-                .unwrap_or_default();
-            if tx.send((id, Instant::now())).is_err() {
-                break;
-            }
-        }
-    });
-    Ok(rx)
 }
 
 /// Waits until every accepted id arrived (or the timeout), then counts lost and duplicates.
@@ -406,7 +385,11 @@ fn progress_bar(args: &Args, shared: &Arc<Shared>) -> tokio::task::JoinHandle<()
     let bar = if args.json {
         indicatif::ProgressBar::hidden()
     } else {
-        indicatif::ProgressBar::new(args.messages)
+        indicatif::ProgressBar::new(if args.idle.is_some() {
+            args.clients as u64
+        } else {
+            args.messages
+        })
     };
     if let Ok(style) = indicatif::ProgressStyle::with_template(
         "{elapsed_precise} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})",
@@ -430,13 +413,39 @@ fn progress_bar(args: &Args, shared: &Arc<Shared>) -> tokio::task::JoinHandle<()
     })
 }
 
+/// `--idle`: one connection (connect, EHLO), held open and silent for `hold` once every client
+/// has its connection (or failed to get one), then QUIT. The latency is the whole connection.
+async fn idle(
+    args: Args,
+    tls: Option<Arc<Tls>>,
+    shared: Arc<Shared>,
+    all_open: Arc<tokio::sync::Barrier>,
+    hold: Duration,
+) -> ClientResult {
+    let mut res = ClientResult::default();
+    let t = Instant::now();
+    let opened = open(&args, tls.as_deref()).await;
+    shared.done.fetch_add(1, Ordering::Relaxed);
+    all_open.wait().await;
+    match opened {
+        Ok(mut c) => {
+            tokio::time::sleep(hold).await;
+            match c.cmd("QUIT").await {
+                Ok(r) => {
+                    *res.codes.entry(r.code).or_default() += 1;
+                    res.latencies_us.push(t.elapsed().as_micros() as u64);
+                }
+                Err(_) => res.errors += 1,
+            }
+        }
+        Err(0) => res.errors += 1,
+        Err(code) => *res.codes.entry(code).or_default() += 1,
+    }
+    res
+}
+
 async fn connect_only(args: Args, tls: Option<Arc<Tls>>, shared: Arc<Shared>) -> ClientResult {
-    let mut res = ClientResult {
-        ids: Vec::new(),
-        latencies_us: Vec::new(),
-        codes: BTreeMap::new(),
-        errors: 0,
-    };
+    let mut res = ClientResult::default();
     while shared.next.fetch_add(1, Ordering::Relaxed) < args.messages {
         let t = Instant::now();
         match open(&args, tls.as_deref()).await {
@@ -461,12 +470,7 @@ async fn client(
     tls: Option<Arc<Tls>>,
     shared: Arc<Shared>,
 ) -> ClientResult {
-    let mut res = ClientResult {
-        ids: Vec::new(),
-        latencies_us: Vec::new(),
-        codes: BTreeMap::new(),
-        errors: 0,
-    };
+    let mut res = ClientResult::default();
     let rcpts: Vec<String> = (0..args.recipients)
         .map(|i| format!("sink{i}@example.net"))
         .collect();
@@ -517,8 +521,13 @@ async fn one_message(
     rcpts: &[String],
     stuffed: &[u8],
 ) -> Result<(u16, Option<u64>, Option<String>)> {
+    let mail = if args.mail_size {
+        format!("MAIL FROM:<bench@example.org> SIZE={}", stuffed.len())
+    } else {
+        "MAIL FROM:<bench@example.org>".to_owned()
+    };
     if args.pipelining {
-        let mut cmds = "MAIL FROM:<bench@example.org>\r\n".to_string();
+        let mut cmds = format!("{mail}\r\n");
         for r in rcpts {
             cmds.push_str(&format!("RCPT TO:<{r}>\r\n"));
         }
@@ -532,7 +541,7 @@ async fn one_message(
             return Ok((last, None, None));
         }
     } else {
-        let r = c.cmd("MAIL FROM:<bench@example.org>").await?;
+        let r = c.cmd(&mail).await?;
         if r.code != 250 {
             return Ok((r.code, None, None));
         }
