@@ -2,68 +2,101 @@
 //!
 //! # The promise
 //! No SMTP `250` before a message is on stable storage: [`Spool::accept`] returns `Ok` only
-//! after the message's sled transaction committed **and** a durable flush that started after the
-//! commit finished. A message leaves the spool only through [`Spool::complete`] (broker confirm)
-//! or [`Spool::purge`] (operator). Duplicates are possible after a crash; loss is not.
+//! after the message's writes **and** a durable flush that started after them finished. A
+//! message leaves the spool only through [`Spool::complete`] (broker confirm) or
+//! [`Spool::purge`] (operator). Duplicates are possible after a crash; loss is not.
 //!
-//! # States and transitions
+//! # States and transitions (one table, `state.rs`, for the forwarder and the admin verbs)
 //! On disk a message is `Queued{due}`, `Deferred{due}` or `Held{reason, since}` ([`State`]).
-//! "In flight" is not a state: leases live in memory only, so after a crash every message that
-//! was not removed is simply due again and recovery needs no code.
+//! "In flight" is not a state: a [`Lease`] is a value in memory, so after a crash every message
+//! that was not removed is simply due again and recovery needs no code.
 //!
 //! ```text
-//!  accept ──▶ Queued ──lease──▶ (in flight) ──complete──▶ removed
-//!                ▲                  │  │ └──unlease──▶ unchanged, leasable again
-//!                │             defer│  └──hold──▶ Held{TooManyAttempts|TooOld|Refused}
+//!  accept ──▶ Queued ──lease_due──▶ Lease ──complete(lease)──▶ removed
+//!                ▲                  │  │ └──unlease(lease) / drop──▶ unchanged, leasable again
+//!                │      defer(lease)│  └──hold(lease)──▶ Held{TooManyAttempts|TooOld|Refused|…}
 //!                │                  ▼
-//!                └──retry──── Deferred ──(due)──lease──▶ …
-//!  admin (exactly one transition each, table in `state.rs`, leased mail refuses all):
+//!                └──retry──── Deferred ──(due)──lease_due──▶ …
+//!  admin (exactly one transition each, leased mail refuses all):
 //!    retry   Deferred|Held → Queued(now)     hold  Queued|Deferred → Held{Manual}
 //!    release Held → Queued(now)              purge any → removed
 //! ```
-//! Held mail is never leased and never expires. A `meta` value that does not decode is reported
-//! as `Held{Unreadable}` (its raw bytes stay untouched, logged at `error`), never leased, and can
+//! Held mail is never leased and never expires. A record that does not decode is reported as
+//! `Held{Unreadable}` (its raw bytes stay untouched, logged at `error`), never leased, and can
 //! only be purged; a record whose body chunks are missing is moved to `Held{Unreadable}`.
 //!
-//! # sled layout (one database in `SpoolConfig::dir`)
-//! - `meta`: id (16 bytes) → version byte + JSON [`Record`] (`record.rs`).
-//! - `due`:  `due_ms` u64 BE ++ id (24 bytes) → empty; one entry per Queued/Deferred message, so
-//!   a range scan from the start yields the next due messages in order (`key.rs`).
-//! - `body`: id ++ chunk index u32 BE → at most [`CHUNK_BYTES`] of the body, so sled never keeps
-//!   one huge value.
+//! # sled layout (v2; one database in `SpoolConfig::dir`)
+//! - `msg`: id (16 bytes) → version byte + JSON [`Record`] (`record.rs`), state included.
+//! - `body`: id ++ chunk index u32 BE → at most [`CHUNK_BYTES`] of the body (`key.rs`).
 //!
-//! `meta`, `due` and all `body` chunks of a message are written, rewritten and removed in ONE
-//! sled transaction, so there are no orphans to clean at open. `open` still scans `meta` (to
-//! rebuild the counters) and `due` (to repair index entries that point nowhere).
+//! **No transactions, no batches** (sled 0.34 takes a process-wide lock for every later read
+//! once one ran). Each write is one `insert`/`remove`, atomic on its own, in an order that leaves
+//! at worst an orphan after a crash (`writes.rs`): accept writes the chunks and then the record;
+//! removal removes the record and then the chunks; every other change rewrites the one record.
+//! Orphans (chunks without a record) are removed by a background sweep (`sweep.rs`) after an
+//! unclean shutdown; a clean shutdown leaves a `clean-shutdown` marker file that the next open
+//! removes (`open.rs`).
 //!
-//! # fsync rule
-//! Every mutating call (`accept`, `defer`, `hold`, admin verbs, `flush`) returns after a group
-//! commit (`flusher.rs`): one thread calls `db.flush()` and then really `fdatasync`s the `db`
-//! file, new files under `blobs/` and the directories that got new entries, once per group of
-//! waiting callers — sled's own flush uses `sync_file_range` (sled #1452), which does not survive
-//! a power cut. `accept` goes further: the flusher thread also writes the group's messages, all
-//! in one sled transaction, just before that flush. `complete` (removal after a broker confirm)
-//! is written on that thread too, in one transaction per group right after the group's flush (so
-//! the forwarder's runtime thread never waits for sled's global transaction lock), and returns
-//! once committed; the removal is made durable by the next group commit, at most `LAZY_DELAY`
-//! (50 ms) later — losing it to a power cut means a duplicate, never a loss. Only
-//! `lease_due` (memory) and the rare repair writes (moving a record with missing body chunks to
-//! Held) are not flushed before they return.
+//! # In memory (`index.rs`), rebuilt at open by one scan of `msg`
+//! The due-time index ((due_ms, id) in a B-tree), the unheld messages in id order (so the
+//! oldest is exact and cheap), the leased and busy ids, the counters (never recomputed), and the
+//! **hot set**: a just-accepted message's record and body, up to `spool.handoff_bytes`, handed to
+//! the forwarder by [`Spool::lease_due`] without reading it back. The spool is read back only
+//! after a restart, a defer, a hold, an unlease whose body was already taken, or when the hot
+//! set was full. [`Spool::complete`] needs no read and no decode: the lease carries the chunk
+//! count, state and size.
+//!
+//! # fsync rule (`commit.rs`, `fsync.rs`)
+//! Every mutating call (`accept`, `defer`, `hold`, admin verbs, `flush`) does its writes on the
+//! caller's thread and then waits for a group commit: one thread (`spool-flusher`) calls
+//! `db.flush()` and then really `fdatasync`s the `db` file (sled's own flush uses
+//! `sync_file_range`, sled #1452, which does not survive a power cut), new files under `blobs/`,
+//! and the directories that got new entries — once per group of waiting callers. Nothing per
+//! group grows with the queue: directories are listed only when their mtime moved. `complete`
+//! does not wait: its removals ride on the next group commit, at most `LAZY_DELAY` (50 ms)
+//! later — losing one to a power cut means a duplicate, never a loss. `lease_due` and
+//! `unlease` are memory only, apart from reading a body back and moving a record whose chunks
+//! are missing to `Held{Unreadable}` (not waited for: it rides on the next group commit).
+//!
+//! # Upgrade (`upgrade.rs`)
+//! A v1 spool (trees `meta`, `due`, `body`, written in transactions) is converted at open,
+//! record by record, crash-safe and idempotent; nothing of v1 is removed before its v2 copy is
+//! written. Downgrading (opening a v2 spool with v1 code) is not supported: v1 would see no mail.
+//!
+//! # Reading a stopped daemon's spool (`reader.rs`)
+//! [`SpoolReader`] (`lsmtpctl --spool`) opens read-only as far as sled allows: it converts,
+//! repairs, sweeps and marks nothing. sled itself may write its own bookkeeping on open.
 //!
 //! # Disk full
 //! sled 0.34 poisons itself on a failed log write (ENOSPC included): every later write and
 //! flush fails with the same error even after space is freed, until the database is reopened
 //! (reopening recovers every acknowledged message). Once it was also seen to hang in `flush()`.
-//! So: [`Spool::check_capacity`]'s `min_free_disk_bytes` guard is the first line of defence; the
-//! first failed write poisons the `Spool` (logged at `error`, [`Spool::is_poisoned`]) and every
-//! later mutating call fails fast with [`SpoolError::Storage`]; a group-commit wait gives up
-//! after 60 s with `Io(TimedOut)`. Reads keep working. The daemon must restart to recover.
+//! So: [`Spool::check_capacity`]'s `min_free_disk_bytes` guard is the first line of defence
+//! (against a free-space figure refreshed every second or every 8 MiB accepted, minus what was
+//! accepted since, and at every call within 64 MiB of the limit); the first failed write poisons the `Spool` (logged at `error`,
+//! [`Spool::is_poisoned`]) and every later mutating call fails fast with
+//! [`SpoolError::Storage`]; a group-commit wait gives up after 60 s with `Io(TimedOut)`. Reads
+//! keep working. The daemon must restart to recover.
+//!
+//! # Files
+//! `store.rs` the [`Spool`] handle; `open.rs` lock, marker, scan; `upgrade.rs` v1 → v2;
+//! `index.rs` memory; `writes.rs` write plans; `commit.rs` group commit; `fsync.rs` the durable
+//! flush; `sweep.rs` orphans; `lease.rs` [`Lease`]; `reader.rs` reads and [`SpoolReader`];
+//! `state.rs` the transition table; `record.rs`, `key.rs` encodings.
 
-mod flusher;
+mod commit;
+mod fsync;
+mod index;
 pub mod key;
+mod lease;
+mod open;
+pub mod reader;
 pub mod record;
 pub mod state;
 mod store;
+mod sweep;
+mod upgrade;
+mod writes;
 
 #[cfg(test)]
 mod tests;
@@ -71,7 +104,9 @@ mod tests;
 use std::net::IpAddr;
 use std::path::PathBuf;
 
+pub use lease::Lease;
 pub use lsmtp_shared::MessageId;
+pub use reader::{SpoolReader, SpoolView};
 pub use record::{HoldReason, Record, State};
 pub use store::Spool;
 
@@ -91,13 +126,6 @@ pub struct NewMessage {
     pub mail_from: String,
     pub rcpt_to: Vec<String>,
     /// Exact bytes, including our `Received:` header.
-    pub body: bytes::Bytes,
-}
-
-/// A message leased to the forwarder by [`Spool::lease_due`].
-#[derive(Debug, Clone)]
-pub struct Leased {
-    pub record: Record,
     pub body: bytes::Bytes,
 }
 
