@@ -13,9 +13,11 @@
 //!     payload: json,                  // json | raw
 //!     topology: (declare: true, queue: None, queue_type: classic, exchange_type: None),
 //!     max_in_flight: 256,             // unconfirmed publishes at once
+//!     max_in_flight_bytes: 16777216,  // bodies leased and not yet handed to the broker
 //!     heartbeat: "10s", connect_timeout: "10s", confirm_timeout: "60s",
 //!     frame_max: 32768,               // bytes; the broker may lower it
-//!     reconnect: (initial: "500ms", max: "30s"),
+//!     reconnect: (initial: "500ms", max: "30s", refused_max: "5s"),
+//!     nack_run: (max_nacks: 20, max_duration: "10s"),
 //!     retry: (initial: "5s", max: "10m", max_attempts: 30, max_age: "5d"),
 //!     routes: [(recipients: ["example.org", "ops@example.com"], exchange: "", routing_key: "ops")],
 //!     tls: (enabled: false, ca_file: None, cert_file: None, key_file: None),
@@ -142,22 +144,54 @@ pub enum TopologyStep {
 /// What the forwarder checks and declares at each connect, in order.
 pub type TopologyPlan = Vec<TopologyStep>;
 
-/// Exponential backoff with jitter between `initial` and `max`.
+/// Reconnect backoff: exponential with jitter from `initial`, capped at `max` after slow failures
+/// (a connect that timed out, a TLS or login failure, a topology problem, a connection lost or
+/// given up after a nack run) and at `refused_max` (if lower) when every node refused the TCP
+/// connection at once: nothing listens there, trying again costs nothing, and the broker is
+/// noticed within `refused_max` of coming back. See `forward::reconnect`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct BackoffConfig {
+pub struct ReconnectConfig {
     #[serde(with = "humantime_serde")]
     pub initial: Duration,
     #[serde(with = "humantime_serde")]
     pub max: Duration,
+    /// Cap while every node refuses the connection (ECONNREFUSED); the smaller of this and `max`.
+    #[serde(with = "humantime_serde")]
+    pub refused_max: Duration,
 }
 
-impl Default for BackoffConfig {
-    /// The reconnect defaults: 500ms doubling up to 30s.
+impl Default for ReconnectConfig {
+    /// 500ms doubling up to 30s; up to 5s while the nodes refuse connections (the RabbitMQ Java
+    /// client's fixed 5s recovery interval).
     fn default() -> Self {
-        BackoffConfig {
+        ReconnectConfig {
             initial: Duration::from_millis(500),
             max: Duration::from_secs(30),
+            refused_max: Duration::from_secs(5),
+        }
+    }
+}
+
+/// When a run of nacks means the channel or the connection is bad rather than the messages: the
+/// forwarder then gives the nacked messages back without counting an attempt, closes the
+/// connection and reconnects (preferring another node). See `forward::nack_run`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NackRunConfig {
+    /// This many nacks in a row, with no publish confirmed in between, end the connection.
+    pub max_nacks: u32,
+    /// So do nacks with no confirm for this long since the first of them (the same rule for a
+    /// trickle of mail that never reaches `max_nacks`).
+    #[serde(with = "humantime_serde")]
+    pub max_duration: Duration,
+}
+
+impl Default for NackRunConfig {
+    fn default() -> Self {
+        NackRunConfig {
+            max_nacks: 20,
+            max_duration: Duration::from_secs(10),
         }
     }
 }
@@ -228,6 +262,10 @@ pub struct AmqpConfig {
     pub topology: TopologyConfig,
     /// Publishes awaiting a confirm at once (the lease window).
     pub max_in_flight: usize,
+    /// Body bytes leased from the spool and not yet handed to the broker, at once. A lease
+    /// takes at least one message, so a body larger than this still goes, alone. Default
+    /// 16 MiB.
+    pub max_in_flight_bytes: u64,
     /// AMQP heartbeat (whole seconds); "0s" disables it.
     #[serde(with = "humantime_serde")]
     pub heartbeat: Duration,
@@ -247,7 +285,8 @@ pub struct AmqpConfig {
     /// envelope headers, every recipient included) must fit in one frame; a message whose header
     /// does not is held as `HeaderTooLarge` (see `forward::amqp::check_header_frame`).
     pub frame_max: u32,
-    pub reconnect: BackoffConfig,
+    pub reconnect: ReconnectConfig,
+    pub nack_run: NackRunConfig,
     pub retry: RetryConfig,
     /// Optional rules by recipient; recipients that match none use `exchange`/`routing_key`.
     pub routes: Vec<RouteRule>,
@@ -266,11 +305,13 @@ impl Default for AmqpConfig {
             payload: PayloadFormat::Json,
             topology: TopologyConfig::default(),
             max_in_flight: 256,
+            max_in_flight_bytes: 16 * 1024 * 1024,
             heartbeat: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             confirm_timeout: Duration::from_secs(60),
             frame_max: 32_768,
-            reconnect: BackoffConfig::default(),
+            reconnect: ReconnectConfig::default(),
+            nack_run: NackRunConfig::default(),
             retry: RetryConfig::default(),
             routes: Vec::new(),
             tls: TlsConfig::default(),
@@ -435,6 +476,12 @@ impl AmqpConfig {
         if self.max_in_flight == 0 || self.max_in_flight > 65_535 {
             p.push(Problem::new("amqp.max_in_flight", "must be 1-65535"));
         }
+        if self.max_in_flight_bytes == 0 {
+            p.push(Problem::new(
+                "amqp.max_in_flight_bytes",
+                "must be greater than 0",
+            ));
+        }
         if self.heartbeat.subsec_nanos() != 0 || self.heartbeat.as_secs() > u64::from(u16::MAX) {
             p.push(Problem::new(
                 "amqp.heartbeat",
@@ -471,6 +518,24 @@ impl AmqpConfig {
                     format!("must not be less than {name}.initial"),
                 ));
             }
+        }
+        if self.reconnect.refused_max.is_zero() {
+            p.push(Problem::new(
+                "amqp.reconnect.refused_max",
+                "must be more than 0s",
+            ));
+        }
+        if self.nack_run.max_nacks == 0 {
+            p.push(Problem::new(
+                "amqp.nack_run.max_nacks",
+                "must be at least 1",
+            ));
+        }
+        if self.nack_run.max_duration.is_zero() {
+            p.push(Problem::new(
+                "amqp.nack_run.max_duration",
+                "must be more than 0s",
+            ));
         }
         for (i, route) in self.routes.iter().enumerate() {
             if route.recipients.is_empty() {
@@ -554,6 +619,44 @@ mod tests {
         assert_eq!(cfg.retry.max_age, Duration::from_secs(3600));
         assert_eq!(cfg.topology.queue_type, QueueType::Quorum);
         assert_eq!(problems(&cfg), Vec::<String>::new());
+    }
+
+    #[test]
+    fn reconnect_and_nack_run_parse_and_validate() {
+        let cfg = AmqpConfig::default();
+        assert_eq!(cfg.reconnect.refused_max, Duration::from_secs(5));
+        assert_eq!(cfg.nack_run.max_nacks, 20);
+        assert_eq!(cfg.nack_run.max_duration, Duration::from_secs(10));
+        // Older files without refused_max keep parsing.
+        let old: AmqpConfig =
+            ron::from_str(r#"(reconnect: (initial: "100ms", max: "500ms"))"#).expect("parses");
+        assert_eq!(old.reconnect.refused_max, Duration::from_secs(5));
+        let cfg: AmqpConfig = ron::from_str(
+            r#"(reconnect: (initial: "1s", max: "1m", refused_max: "2s"), nack_run: (max_nacks: 5, max_duration: "3s"))"#,
+        )
+        .expect("parses");
+        assert_eq!(cfg.reconnect.refused_max, Duration::from_secs(2));
+        assert_eq!(cfg.nack_run.max_nacks, 5);
+        assert_eq!(problems(&cfg), Vec::<String>::new());
+        let bad = AmqpConfig {
+            reconnect: ReconnectConfig {
+                refused_max: Duration::ZERO,
+                ..ReconnectConfig::default()
+            },
+            nack_run: NackRunConfig {
+                max_nacks: 0,
+                max_duration: Duration::ZERO,
+            },
+            ..AmqpConfig::default()
+        };
+        assert_eq!(
+            problems(&bad),
+            [
+                "amqp.reconnect.refused_max: must be more than 0s",
+                "amqp.nack_run.max_nacks: must be at least 1",
+                "amqp.nack_run.max_duration: must be more than 0s",
+            ]
+        );
     }
 
     #[test]

@@ -12,8 +12,13 @@
 //! - A return is matched to its publish by the identity it carries ([`super::publisher::CopyId`]),
 //!   never by the confirm it arrived with; an ack is trusted only after a barrier (see
 //!   [`Core::needs_barrier`]), after which every earlier return is known.
-//! - A nack, a return or a refusal counts one attempt ([`retry_decision`]); after
+//! - A return or a refusal counts one attempt ([`retry_decision`]); after
 //!   `retry.max_attempts` or `retry.max_age` the message is held, never deleted.
+//! - A nack counts one attempt only once a later publish on the same connection is confirmed
+//!   (the channel works, so the nack was about the message). Until then the nacked message is
+//!   parked; a run of nacks with no confirm ([`super::nack_run`]) gives every parked message
+//!   back unchanged ([`Core::end_nack_run`]): a broker or channel that refuses everything is an
+//!   outage, not the messages' fault.
 //! - An outage never counts as an attempt: a lost connection gives every outstanding message
 //!   back unchanged ([`Decision::Unlease`]). So does a topology problem (missing exchange, no
 //!   permission, ...): it is nobody's message's fault, and nothing is probed.
@@ -26,8 +31,9 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use super::backoff;
+use super::nack_run::NackRun;
 use super::publisher::{Confirm, CopyId, Failure, Settled, Unpublishable};
-use crate::config::amqp::RetryConfig;
+use crate::config::amqp::{NackRunConfig, RetryConfig};
 use crate::spool::{HoldReason, MessageId, Record};
 
 /// What the shell must do to the spool for one message.
@@ -83,6 +89,8 @@ pub struct Counters {
     pub connection_failures: u64,
     /// Connections or channels ended by a topology problem.
     pub topology_errors: u64,
+    /// Connections given up after a run of nacks with no confirm ([`super::nack_run`]).
+    pub nack_runs: u64,
 }
 
 /// The result of [`Core::settle`].
@@ -120,7 +128,10 @@ pub struct Core {
     rng: u64,
     counters: Counters,
     /// Nacks settled since the last positive confirm (or since the connection was set up).
-    nacks_since_ack: u64,
+    nack_run: NackRun,
+    /// Nacked messages (still leased, no attempt counted yet) waiting for the run to end: by a
+    /// confirm (then each counts an attempt) or by tripping (then each goes back unchanged).
+    parked: Vec<(Record, String)>,
 }
 
 impl Core {
@@ -134,8 +145,15 @@ impl Core {
             probe_remaining: 0,
             rng: seed | 1,
             counters: Counters::default(),
-            nacks_since_ack: 0,
+            nack_run: NackRun::new(&NackRunConfig::default()),
+            parked: Vec::new(),
         }
+    }
+
+    /// Uses `cfg` to tell a run of nacks (default: [`NackRunConfig::default`]).
+    pub fn with_nack_run(mut self, cfg: &NackRunConfig) -> Core {
+        self.nack_run = NackRun::new(cfg);
+        self
     }
 
     /// A jitter value in [0, 1) (xorshift64*; spread is what matters, not quality).
@@ -154,12 +172,40 @@ impl Core {
     /// Nacks in a row, with no positive confirm in between, on this connection: a broker that
     /// nacks everything (e.g. a quorum queue without a leader) shows here before attempts run out.
     pub fn nacks_since_ack(&self) -> u64 {
-        self.nacks_since_ack
+        self.nack_run.nacks()
+    }
+
+    /// Nacked messages waiting for the run of nacks to end (see [`Core::end_nack_run`]).
+    pub fn parked(&self) -> usize {
+        self.parked.len()
+    }
+
+    /// Whether the current run of nacks means the connection is bad (see [`super::nack_run`]).
+    pub fn nack_run_tripped(&self, now_ms: u64) -> bool {
+        self.nack_run.tripped(now_ms)
+    }
+
+    /// When (unix ms) the current run of nacks trips by time, if no confirm comes first.
+    pub fn nack_run_deadline_ms(&self) -> Option<u64> {
+        self.nack_run.deadline_ms()
+    }
+
+    /// The run of nacks tripped: every parked message goes back unchanged (no attempt). Returns
+    /// the decisions and how many nacks the run had. The shell then gives up the connection.
+    pub fn end_nack_run(&mut self) -> (Vec<Decision>, u64) {
+        let nacks = self.nack_run.reset();
+        self.counters.nack_runs += 1;
+        let back = self
+            .parked
+            .drain(..)
+            .map(|(r, _)| Decision::Unlease(r.id))
+            .collect();
+        (back, nacks)
     }
 
     /// A connection was set up (topology checked, confirm channel open).
     pub fn on_connected(&mut self) {
-        self.nacks_since_ack = 0;
+        self.nack_run.reset();
     }
 
     /// Messages outstanding (leased, published or being published, not settled).
@@ -269,16 +315,16 @@ impl Core {
                     }
                     None => {
                         self.counters.confirmed += 1;
-                        self.nacks_since_ack = 0;
+                        self.nack_run.on_ack();
                         out.any_ack = true;
                         None
                     }
                 },
                 Confirm::Nack => {
                     self.counters.nacked += 1;
-                    self.nacks_since_ack += 1;
+                    self.nack_run.on_nack(now_ms);
                     self.returned.remove(&copy);
-                    Some("nacked by broker".to_owned())
+                    Some(NACKED.to_owned())
                 }
                 Confirm::NotRequested => Some("publish was not confirmed".to_owned()),
                 Confirm::Failed(f) => {
@@ -303,10 +349,23 @@ impl Core {
                             id,
                             published_at: m.published_at,
                         },
+                        Some(reason) if reason == NACKED => {
+                            // Decided when the run of nacks ends.
+                            self.parked.push((m.record, reason));
+                            continue;
+                        }
                         Some(reason) => self.fail_attempt(&m.record, &reason, now_ms),
                     };
                     out.decisions.push(d);
                 }
+            }
+        }
+        if out.any_ack {
+            // The channel works: the parked nacks were about their messages.
+            let parked = std::mem::take(&mut self.parked);
+            for (record, reason) in parked {
+                let d = self.fail_attempt(&record, &reason, now_ms);
+                out.decisions.push(d);
             }
         }
         out
@@ -322,7 +381,9 @@ impl Core {
     /// The broker closed the channel (or the connection) with messages outstanding.
     pub fn on_channel_failure(&mut self, failure: &Failure, now_ms: u64) -> Vec<Decision> {
         match failure {
-            Failure::Topology { .. } | Failure::Connection(_) => return self.give_back_all(),
+            Failure::Topology { .. } | Failure::Connection(_) | Failure::Refused(_) => {
+                return self.give_back_all()
+            }
             Failure::ChannelClosed { .. } => {}
         }
         let text = failure.describe();
@@ -359,15 +420,21 @@ impl Core {
         self.give_back_all()
     }
 
-    /// Shutdown (or a hard stop): everything outstanding goes back, nothing counted.
+    /// Shutdown (or a hard stop, or a lost connection): everything outstanding or parked goes
+    /// back, nothing counted.
     pub fn give_back_all(&mut self) -> Vec<Decision> {
         self.returned.clear();
+        let parked = self.parked.drain(..).map(|(r, _)| Decision::Unlease(r.id));
         self.inflight
             .drain()
             .map(|(id, _)| Decision::Unlease(id))
+            .chain(parked)
             .collect()
     }
 }
+
+/// `last_error` of a nacked message.
+const NACKED: &str = "nacked by broker";
 
 /// What a failed attempt means for `record` (whose `attempts` do not yet include it): held as
 /// `TooManyAttempts` at `retry.max_attempts`, as `TooOld` past `retry.max_age`, else deferred by

@@ -39,6 +39,8 @@ pub struct Published {
     pub exchange: String,
     pub routing_key: String,
     pub body: Bytes,
+    /// Which successful connect (1, 2, ...) it was published on.
+    pub connection: usize,
 }
 
 type Rule = Box<dyn FnMut(&Published) -> Script + Send>;
@@ -49,6 +51,10 @@ struct State {
     auto_settle: bool,
     /// Every connect fails with this while it is set.
     refuse_connect: Option<Failure>,
+    /// Connects to these nodes fail with the failure given.
+    refuse_node: Vec<(String, Failure)>,
+    /// The node of each successful connect, in order.
+    connected_to: Vec<String>,
     /// The largest "content header" (sum of the target's recipient lengths) that fits.
     max_header: Option<usize>,
     connected: bool,
@@ -92,6 +98,8 @@ impl MemoryBroker {
                 rule: Box::new(|_| Script::Ack),
                 auto_settle: true,
                 refuse_connect: None,
+                refuse_node: Vec::new(),
+                connected_to: Vec::new(),
                 max_header: None,
                 connected: false,
                 channel_open: false,
@@ -138,6 +146,22 @@ impl MemoryBroker {
     pub fn refuse_connect(&self, failure: Option<Failure>) {
         self.lock().refuse_connect = failure;
         self.changed();
+    }
+
+    /// Connects to `node` fail with `failure` (`None`: accepted again).
+    pub fn refuse_node(&self, node: &str, failure: Option<Failure>) {
+        let mut s = self.lock();
+        s.refuse_node.retain(|(n, _)| n != node);
+        if let Some(f) = failure {
+            s.refuse_node.push((node.to_owned(), f));
+        }
+        drop(s);
+        self.changed();
+    }
+
+    /// The node of each successful connect so far, in order.
+    pub fn connected_to(&self) -> Vec<String> {
+        self.lock().connected_to.clone()
     }
 
     /// A target whose recipients add up to more bytes than this cannot be published.
@@ -303,7 +327,7 @@ fn settle_one(s: &mut State, p: Published, script: Script) {
 impl Publisher for MemoryPublisher {
     type Prepared = ();
 
-    async fn connect(&mut self, _node: &str) -> Result<(), Failure> {
+    async fn connect(&mut self, node: &str) -> Result<(), Failure> {
         let b = &self.broker;
         let mut s = b.lock();
         s.connect_attempts += 1;
@@ -311,12 +335,19 @@ impl Publisher for MemoryPublisher {
         s.channel_open = false;
         s.unsettled.clear();
         s.events.clear();
-        let result = match &s.refuse_connect {
-            Some(f) => Err(f.clone()),
+        let refused = s.refuse_connect.clone().or_else(|| {
+            s.refuse_node
+                .iter()
+                .find(|(n, _)| n == node)
+                .map(|(_, f)| f.clone())
+        });
+        let result = match refused {
+            Some(f) => Err(f),
             None => {
                 s.connected = true;
                 s.channel_open = true;
                 s.connects += 1;
+                s.connected_to.push(node.to_owned());
                 Ok(())
             }
         };
@@ -388,6 +419,7 @@ impl Publisher for MemoryPublisher {
             exchange: target.exchange.clone(),
             routing_key: target.routing_key.clone(),
             body,
+            connection: s.connects,
         };
         s.published.push(p.clone());
         let script = (s.rule)(&p);

@@ -16,9 +16,17 @@
 //!   whose targets (see [`route`]) were acked by the broker and none returned. A return
 //!   (`mandatory`, unroutable) or a nack is a failure.
 //! - **Outages are not failures.** A connection error unleases every outstanding message
-//!   (`spool.unlease`, no attempt counted) and reconnects with exponential backoff + jitter
-//!   (`amqp.reconnect`), trying `amqp.nodes` in turn. Only nacks, returns and refusals count
-//!   attempts; after `retry.max_attempts` / `retry.max_age` a message is held, never deleted.
+//!   (the lease is given back, no attempt counted) and reconnects with exponential backoff + jitter
+//!   (`amqp.reconnect`), trying `amqp.nodes` best first ([`reconnect`]: live nodes, then those
+//!   that refused or were given up, then slow ones; a round in which every node refused the TCP
+//!   connection waits at most `amqp.reconnect.refused_max`). Only nacks, returns and refusals
+//!   count attempts; after `retry.max_attempts` / `retry.max_age` a message is held, never
+//!   deleted.
+//! - **A run of nacks is the connection's fault, not the mail's.** A nack counts its attempt
+//!   only once a later publish on the connection is confirmed; until then the message is parked
+//!   in the core. `amqp.nack_run.max_nacks` nacks in a row with none confirmed (or nacks with
+//!   none confirmed for `max_duration`) give every parked message back unchanged, end the
+//!   session, log `nack_run` and reconnect preferring another node ([`nack_run`]).
 //! - **A topology problem is not an outage, and not a message's fault.** Wrong credentials, no
 //!   access to the vhost, no permission on the exchange, a missing exchange or queue, a
 //!   declaration that clashes with what exists — at connect, at channel setup or at publish
@@ -44,7 +52,13 @@
 //!   would make the broker close the connection, and the message would be re-sent after every
 //!   reconnect, stalling the queue; instead the message is held as `HeaderTooLarge`, no attempt
 //!   counted, nothing published.
-//! - **Bounded window.** At most `amqp.max_in_flight` messages are leased at once.
+//! - **Bounded window.** At most `amqp.max_in_flight` messages are leased at once, and one lease
+//!   takes about `amqp.max_in_flight_bytes` of bodies (sized from the largest body of the last
+//!   lease and the spool's average; always at least one message, so a larger body goes alone).
+//! - **Memory budget.** Leased bodies, and each payload with lapin's copy of it while it is
+//!   published, are charged to the daemon's [`Budget`]. The forwarder *waits* for it (sessions
+//!   meanwhile answer 452) and never drops anything; a body is given back once its publish
+//!   returned (only its record waits for the confirm).
 //! - **No polling.** The loop sleeps until the spool doorbell rings, the next message is due, a
 //!   confirm arrives, a broker event arrives, or the shutdown token fires.
 //!
@@ -59,9 +73,11 @@ pub mod amqp;
 pub mod backoff;
 pub mod core;
 pub mod memory;
+pub mod nack_run;
 pub mod payload;
 pub mod probe;
 pub mod publisher;
+pub mod reconnect;
 pub mod route;
 
 use std::future::Future;
@@ -76,9 +92,11 @@ use tracing::{debug, error, info, warn};
 use self::amqp::AmqpPublisher;
 use self::core::{Core, Counters, Decision, Reminder};
 use self::publisher::{BrokerEvent, Failure, Publisher, Settled};
+use crate::budget::{publish_overhead, Budget};
+use crate::config::amqp::PayloadFormat;
 use crate::config::AmqpConfig;
 use crate::metrics::Latency;
-use crate::spool::{now_ms, Leased, MessageId, Spool};
+use crate::spool::{now_ms, Lease, MessageId, Spool};
 
 /// How often a topology problem that has not changed is logged again.
 pub const REMINDER_EVERY: Duration = Duration::from_secs(300);
@@ -114,6 +132,10 @@ pub struct BrokerStatus {
     pub connection_failures: u64,
     /// Connections or channels ended by a topology problem.
     pub topology_errors: u64,
+    /// Connections to a different node than the previous connection (after the first).
+    pub failovers: u64,
+    /// Connections given up after a run of nacks with no confirm (see [`nack_run`]).
+    pub nack_runs: u64,
 }
 
 #[derive(Default)]
@@ -131,6 +153,8 @@ struct Shared {
     refused: AtomicU64,
     connection_failures: AtomicU64,
     topology_errors: AtomicU64,
+    failovers: AtomicU64,
+    nack_runs: AtomicU64,
 }
 
 fn set(slot: &Mutex<Option<String>>, value: Option<String>) -> Option<String> {
@@ -165,6 +189,7 @@ impl Shared {
         put(&self.refused, c.refused);
         put(&self.connection_failures, c.connection_failures);
         put(&self.topology_errors, c.topology_errors);
+        put(&self.nack_runs, c.nack_runs);
     }
 }
 
@@ -208,6 +233,8 @@ impl StatusView {
             refused: load(&s.refused),
             connection_failures: load(&s.connection_failures),
             topology_errors: load(&s.topology_errors),
+            failovers: load(&s.failovers),
+            nack_runs: load(&s.nack_runs),
         }
     }
 }
@@ -251,6 +278,8 @@ enum SessionEnd {
     Shutdown,
     /// The connection failed, or a topology problem stopped publishing.
     Lost(Failure),
+    /// A run of nacks with no confirm (see [`nack_run`]): the connection is given up.
+    NackRun { nacks: u64 },
 }
 
 /// Starts forwarder tasks.
@@ -259,7 +288,7 @@ pub struct Forwarder;
 impl Forwarder {
     /// Starts the forwarder task, publishing to the broker of `cfg`.
     pub fn spawn(cfg: Arc<AmqpConfig>, spool: Spool, token: CancellationToken) -> ForwarderHandle {
-        Forwarder::spawn_observed(cfg, spool, token, Latency::off())
+        Forwarder::spawn_observed(cfg, spool, token, Latency::off(), Budget::unlimited())
     }
 
     /// Starts the forwarder task; `confirm_latency` gets, for each message confirmed by every
@@ -269,9 +298,10 @@ impl Forwarder {
         spool: Spool,
         token: CancellationToken,
         confirm_latency: Latency,
+        budget: Budget,
     ) -> ForwarderHandle {
         let publisher = AmqpPublisher::new(Arc::clone(&cfg));
-        Forwarder::spawn_with(publisher, cfg, spool, token, confirm_latency)
+        Forwarder::spawn_budgeted(publisher, cfg, spool, token, confirm_latency, budget)
     }
 
     /// Starts the forwarder task with any [`Publisher`] (tests use
@@ -283,20 +313,36 @@ impl Forwarder {
         token: CancellationToken,
         confirm_latency: Latency,
     ) -> ForwarderHandle {
+        let budget = Budget::unlimited();
+        Forwarder::spawn_budgeted(publisher, cfg, spool, token, confirm_latency, budget)
+    }
+
+    /// [`Forwarder::spawn_with`], charging leased bodies and payloads to `budget`.
+    pub fn spawn_budgeted<P: Publisher>(
+        publisher: P,
+        cfg: Arc<AmqpConfig>,
+        spool: Spool,
+        token: CancellationToken,
+        confirm_latency: Latency,
+        budget: Budget,
+    ) -> ForwarderHandle {
         let shared = Arc::new(Shared::default());
         let hard_stop = CancellationToken::new();
         let seed = now_ms() ^ (u64::from(std::process::id()) << 32) ^ 0x9E37_79B9_7F4A_7C15;
         let shell = Shell {
-            core: Core::new(cfg.retry, cfg.max_in_flight, seed),
+            core: Core::new(cfg.retry, cfg.max_in_flight, seed).with_nack_run(&cfg.nack_run),
+            nodes: reconnect::Nodes::new(cfg.nodes.len()),
             cfg,
             spool,
             publisher,
             token,
             hard_stop: hard_stop.clone(),
             shared: Arc::clone(&shared),
-            node_index: 0,
             confirm_latency,
             topology: Reminder::new(REMINDER_EVERY),
+            leases: std::collections::HashMap::new(),
+            budget,
+            largest_leased: None,
         };
         let task = tokio::spawn(shell.run());
         ForwarderHandle {
@@ -316,12 +362,19 @@ struct Shell<P: Publisher> {
     token: CancellationToken,
     hard_stop: CancellationToken,
     shared: Arc<Shared>,
-    /// Index into `cfg.nodes` to try first.
-    node_index: usize,
+    /// What is known of each of `cfg.nodes`: the order to try them in, failovers.
+    nodes: reconnect::Nodes,
     /// Publish → last positive confirm, per message.
     confirm_latency: Latency,
     /// When the current topology problem was last logged.
     topology: Reminder,
+    /// The spool's lease of every message the core has outstanding, handed back to the spool
+    /// with the core's decision about it (a dropped lease is given back unchanged).
+    leases: std::collections::HashMap<MessageId, Lease>,
+    /// The daemon's memory budget: leased bodies and payloads are charged to it.
+    budget: Budget,
+    /// The largest body of the last lease that returned any (sizes the next lease).
+    largest_leased: Option<usize>,
 }
 
 impl<P: Publisher> Shell<P> {
@@ -336,36 +389,53 @@ impl<P: Publisher> Shell<P> {
                 c = self.connect_any() => c,
                 _ = token.cancelled() => break,
             };
-            let end = match connected {
-                Ok(node) => {
-                    self.on_connected(&node);
+            let (end, node, all_refused) = match connected {
+                Ok((index, node)) => {
+                    self.on_connected(index, &node);
                     let end = self.serve(&mut failures).await;
                     self.shared.set_node(None);
                     self.shared.blocked.store(false, Ordering::Relaxed);
                     self.publisher.disconnect().await;
-                    end
+                    if !matches!(end, SessionEnd::Shutdown) {
+                        self.nodes.give_up(index);
+                    }
+                    (end, Some(node), false)
                 }
-                Err(f) => SessionEnd::Lost(f),
+                Err((f, all_refused)) => (SessionEnd::Lost(f), None, all_refused),
             };
             let back = self.core.give_back_all();
             self.apply(back).await;
-            match end {
+            let wait = match end {
                 SessionEnd::Shutdown => break,
                 SessionEnd::Lost(failure) => {
                     failures = failures.saturating_add(1);
                     let back = self.core.on_connection_lost(&failure);
                     self.apply(back).await;
-                    let policy = backoff::Policy {
-                        initial: self.cfg.reconnect.initial,
-                        max: self.cfg.reconnect.max,
-                    };
-                    let wait = backoff::delay(failures, &policy, self.core.jitter());
+                    let wait = reconnect::delay(
+                        failures,
+                        &self.cfg.reconnect,
+                        all_refused,
+                        self.core.jitter(),
+                    );
                     self.report_lost(&failure, wait);
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = self.token.cancelled() => break,
-                    }
+                    wait
                 }
+                SessionEnd::NackRun { nacks } => {
+                    failures = failures.saturating_add(1);
+                    let wait =
+                        reconnect::delay(failures, &self.cfg.reconnect, false, self.core.jitter());
+                    let node = node.unwrap_or_default();
+                    let text = format!(
+                        "{nacks} publishes nacked in a row by {node} with none confirmed: reconnecting"
+                    );
+                    warn!(nacks, %node, retry_in = ?wait, "nack_run");
+                    self.shared.set_error(text);
+                    wait
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.token.cancelled() => break,
             }
         }
         let back = self.core.give_back_all();
@@ -374,7 +444,14 @@ impl<P: Publisher> Shell<P> {
     }
 
     /// A connection is set up (topology checked): a standing topology problem is over.
-    fn on_connected(&mut self, node: &str) {
+    fn on_connected(&mut self, index: usize, node: &str) {
+        let failover = self.nodes.connected(index);
+        self.shared
+            .failovers
+            .store(self.nodes.failovers(), Ordering::Relaxed);
+        if failover {
+            info!(%node, failovers = self.nodes.failovers(), "broker_failover");
+        }
         info!(%node, "broker_connected");
         self.core.on_connected();
         self.shared.set_node(Some(node));
@@ -387,10 +464,7 @@ impl<P: Publisher> Shell<P> {
     /// Logs and shows why the connection ended: a topology problem at ERROR (once per distinct
     /// problem, then every [`REMINDER_EVERY`]), an outage at WARN.
     fn report_lost(&mut self, failure: &Failure, wait: Duration) {
-        let text = match failure {
-            Failure::Connection(text) => text.clone(),
-            other => other.describe(),
-        };
+        let text = failure.text();
         self.shared.set_error(text.clone());
         if failure.is_topology() {
             set(&self.shared.topology_error, Some(text.clone()));
@@ -404,35 +478,38 @@ impl<P: Publisher> Shell<P> {
         }
     }
 
-    /// Tries every node once, starting with the last one that worked. A topology problem on
-    /// any node is what is reported (it is what needs a person), else the joined outages.
-    async fn connect_any(&mut self) -> Result<String, Failure> {
+    /// Tries every node once, best first (see [`reconnect::Nodes::order`]): the last one that
+    /// worked, nodes not known to be down, then those that refused, then those that failed
+    /// slowly. A topology problem on any node is what is reported (it is what needs a person),
+    /// else the joined outages; with them whether every node refused the TCP connection.
+    async fn connect_any(&mut self) -> Result<(usize, String), (Failure, bool)> {
         let nodes = self.cfg.nodes.clone();
         let mut errors = Vec::new();
         let mut topology = None;
-        for i in 0..nodes.len() {
-            let idx = (self.node_index + i) % nodes.len();
-            let node = &nodes[idx];
+        let mut all_refused = !nodes.is_empty();
+        for idx in self.nodes.order() {
+            let Some(node) = nodes.get(idx) else {
+                continue;
+            };
             match self.publisher.connect(node).await {
-                Ok(()) => {
-                    self.node_index = idx;
-                    return Ok(node.clone());
-                }
+                Ok(()) => return Ok((idx, node.clone())),
                 Err(f) => {
                     debug!(%node, error = %f.describe(), "broker_connect_failed");
-                    let text = match &f {
-                        Failure::Connection(t) => t.clone(),
-                        other => other.describe(),
-                    };
-                    errors.push(format!("{node}: {text}"));
+                    self.nodes.failed(idx, f.is_refused());
+                    all_refused &= f.is_refused();
+                    errors.push(format!("{node}: {}", f.text()));
                     if f.is_topology() && topology.is_none() {
                         topology = Some(f.context(node));
                     }
                 }
             }
         }
-        self.node_index = (self.node_index + 1) % nodes.len().max(1);
-        Err(topology.unwrap_or_else(|| Failure::Connection(errors.join("; "))))
+        let failure = match topology {
+            Some(t) => t,
+            None if all_refused => Failure::Refused(errors.join("; ")),
+            None => Failure::Connection(errors.join("; ")),
+        };
+        Err((failure, all_refused))
     }
 
     fn sync_status(&self) {
@@ -443,14 +520,18 @@ impl<P: Publisher> Shell<P> {
     /// Carries out the core's decisions on the spool. The only place besides leasing where the
     /// forwarder changes the spool.
     async fn apply(&mut self, decisions: Vec<Decision>) {
-        let mut completed: Vec<MessageId> = Vec::new();
+        let mut completed: Vec<Lease> = Vec::new();
         for d in decisions {
+            let Some(lease) = self.leases.remove(&d.id()) else {
+                error!(msg_id = %d.id(), "decision_without_lease");
+                continue;
+            };
             match d {
-                Decision::Complete { id, published_at } => {
+                Decision::Complete { published_at, .. } => {
                     self.confirm_latency.observe_since(published_at);
-                    completed.push(id);
+                    completed.push(lease);
                 }
-                Decision::Unlease(id) => self.spool.unlease(id),
+                Decision::Unlease(_) => self.spool.unlease(lease),
                 Decision::Defer {
                     id,
                     due_ms,
@@ -459,29 +540,25 @@ impl<P: Publisher> Shell<P> {
                 } => {
                     let retry_in = Duration::from_millis(due_ms.saturating_sub(now_ms()));
                     info!(msg_id = %id, attempts, %reason, ?retry_in, "message_deferred");
-                    if let Err(e) = self.spool.defer(id, due_ms, &reason, true).await {
+                    if let Err(e) = self.spool.defer(lease, due_ms, &reason, true).await {
                         error!(msg_id = %id, error = %e, "spool_defer_failed");
-                        self.spool.unlease(id);
                     }
                 }
                 Decision::Hold { id, reason, text } => {
                     warn!(msg_id = %id, ?reason, error = %text, "message_held");
-                    if let Err(e) = self.spool.hold(id, reason, Some(&text)).await {
+                    if let Err(e) = self.spool.hold(lease, reason, Some(&text)).await {
                         error!(msg_id = %id, error = %e, "spool_hold_failed");
-                        self.spool.unlease(id);
                     }
                 }
             }
         }
         if !completed.is_empty() {
             debug!(count = completed.len(), "publish_confirmed");
-            if let Err(e) = self.spool.complete(&completed).await {
-                // Still in the spool: they will be published again (a duplicate, never a loss).
+            if let Err(e) = self.spool.complete(completed).await {
+                // Those not removed are given back: they will be published again (a duplicate,
+                // never a loss).
                 error!(error = %e, "spool_complete_failed");
                 self.shared.set_error(format!("spool: {e}"));
-                for id in &completed {
-                    self.spool.unlease(*id);
-                }
             }
         }
         self.sync_status();
@@ -495,6 +572,9 @@ impl<P: Publisher> Shell<P> {
         let mut lease_retry: Option<Instant> = None;
         let mut unblocked_at = Instant::now();
         loop {
+            if self.core.nack_run_tripped(now_ms()) {
+                return self.end_nack_run().await;
+            }
             let blocked = self.publisher.blocked();
             self.shared.blocked.store(blocked, Ordering::Relaxed);
             if stopping && self.core.in_flight() == 0 {
@@ -503,8 +583,11 @@ impl<P: Publisher> Shell<P> {
             let room = self.core.room();
             if want_lease && !stopping && !blocked && room > 0 {
                 want_lease = false;
-                match self.spool.lease_due(now_ms(), room) {
+                match self.spool.lease_due(now_ms(), self.lease_count(room)) {
                     Ok(batch) => {
+                        if let Some(largest) = batch.iter().map(body_len).max() {
+                            self.largest_leased = Some(largest);
+                        }
                         if let Err(end) = self.publish_batch(batch).await {
                             return end;
                         }
@@ -537,6 +620,10 @@ impl<P: Publisher> Shell<P> {
                 self.core
                     .confirm_deadline(unblocked_at, self.cfg.confirm_timeout)
             };
+            let nack_run_in = self
+                .core
+                .nack_run_deadline_ms()
+                .map(|d| Duration::from_millis(d.saturating_sub(now_ms()).saturating_add(1)));
             let notified = doorbell.notified();
             let hard_stop = self.hard_stop.clone();
             let token = self.token.clone();
@@ -558,6 +645,8 @@ impl<P: Publisher> Shell<P> {
                     want_lease = true;
                     continue;
                 }
+                // Checked at the top of the loop.
+                _ = sleep_opt(nack_run_in) => continue,
                 _ = sleep_until_opt(confirm_deadline) => {
                     return SessionEnd::Lost(Failure::Connection(format!(
                         "no publisher confirm within {:?}",
@@ -596,13 +685,60 @@ impl<P: Publisher> Shell<P> {
         }
     }
 
+    /// A run of nacks tripped: the parked messages go back unchanged; the session is over.
+    async fn end_nack_run(&mut self) -> SessionEnd {
+        let (back, nacks) = self.core.end_nack_run();
+        self.apply(back).await;
+        SessionEnd::NackRun { nacks }
+    }
+
+    /// How many messages to lease with `room` free in the window: about
+    /// `amqp.max_in_flight_bytes` of bodies, sized from the largest body of the last lease and
+    /// the spool's average body; one when nothing is known yet. At least one.
+    fn lease_count(&self, room: usize) -> usize {
+        let Some(largest) = self.largest_leased else {
+            return 1.min(room);
+        };
+        let stats = self.spool.stats();
+        let waiting = stats.queued + stats.deferred;
+        let average = usize::try_from(stats.bytes / waiting.max(1)).unwrap_or(usize::MAX);
+        let window = usize::try_from(self.cfg.max_in_flight_bytes).unwrap_or(usize::MAX);
+        (window / largest.max(average).max(1)).clamp(1, room.max(1))
+    }
+
     /// Publishes a leased batch. `Err` = the session is over.
-    async fn publish_batch(&mut self, batch: Vec<Leased>) -> Result<(), SessionEnd> {
+    ///
+    /// The batch's bodies are charged to the memory budget, waiting for it; each body is given
+    /// back once its publish returned. Before each publish the charge grows by what the payload
+    /// and lapin's copy of it will take.
+    async fn publish_batch(&mut self, batch: Vec<Lease>) -> Result<(), SessionEnd> {
+        let mut left: usize = batch.iter().map(body_len).sum();
+        let mut charge = self.budget.charge();
+        let json = self.cfg.payload == PayloadFormat::Json;
         let mut batch = batch.into_iter();
         while let Some(leased) = batch.next() {
-            if let Err(failure) = self.publish_message(leased).await {
+            let size = body_len(&leased);
+            let hard_stop = self.hard_stop.clone();
+            let budget_waits = self.budget.available_bytes() < (left + size) as u64;
+            if budget_waits {
+                debug!(bytes = left, "forwarder_waiting_for_memory_budget");
+            }
+            tokio::select! {
+                _ = charge.grow_to(left + publish_overhead(json, size)) => {}
+                _ = hard_stop.cancelled() => {
+                    self.spool.unlease(leased);
+                    for rest in batch {
+                        self.spool.unlease(rest);
+                    }
+                    return Err(SessionEnd::Shutdown);
+                }
+            }
+            let published = self.publish_message(leased).await;
+            left -= size;
+            charge.shrink_to(left);
+            if let Err(failure) = published {
                 for rest in batch {
-                    self.spool.unlease(rest.record.id);
+                    self.spool.unlease(rest);
                 }
                 // A publish on a channel the broker just closed fails with a bare "invalid
                 // state"; the outstanding confirms carry the real reason (and may name a poison
@@ -618,12 +754,13 @@ impl<P: Publisher> Shell<P> {
 
     /// Publishes every target of one leased message. On error the message stays outstanding
     /// in the core (so the failure handler treats it like the rest of the window).
-    async fn publish_message(&mut self, leased: Leased) -> Result<(), Failure> {
-        let Leased { record, body } = leased;
+    async fn publish_message(&mut self, mut lease: Lease) -> Result<(), Failure> {
         // The spooled body is dropped as soon as the last target is encoded, so a large message
         // is not held three times (spooled body, payload, lapin's frame) while it is published.
-        let mut body = Some(body);
+        let mut body = lease.take_body();
+        let record = lease.record().clone();
         let id = record.id;
+        self.leases.insert(id, lease);
         let targets = route::targets(
             &record.rcpt_to,
             &self.cfg.routes,
@@ -735,6 +872,11 @@ async fn sleep_until_opt(t: Option<Instant>) {
         Some(t) => tokio::time::sleep_until(t.into()).await,
         None => std::future::pending().await,
     }
+}
+
+/// The size of a leased body (0 once the publisher took it).
+fn body_len(lease: &Lease) -> usize {
+    lease.body().map_or(0, bytes::Bytes::len)
 }
 
 #[cfg(test)]

@@ -87,10 +87,7 @@ fn line(verdict: Verdict, text: impl Into<String>) -> Line {
 
 /// The text of a failure, with the broker's words.
 fn says(f: &Failure) -> String {
-    match f {
-        Failure::Connection(t) => t.clone(),
-        other => other.describe(),
-    }
+    f.text()
 }
 
 /// Probes every node of `cfg`; the topology and permissions on the first node that accepts the

@@ -35,6 +35,11 @@ pub enum Failure {
     ChannelClosed { code: u16, text: String },
     /// The connection is gone or unusable (I/O, heartbeat, hard error, timeout).
     Connection(String),
+    /// The node refused the TCP connection at once (ECONNREFUSED): nothing listens there (the
+    /// broker is down or restarting). An outage like [`Failure::Connection`], but one that costs
+    /// nothing to try again, so the reconnect backoff is capped lower
+    /// (`amqp.reconnect.refused_max`, see [`super::reconnect`]).
+    Refused(String),
 }
 
 /// Where a broker error happened; decides what an ambiguous code means.
@@ -83,6 +88,7 @@ impl Failure {
                 format!("channel closed by broker: {code} {text}")
             }
             Failure::Connection(text) => format!("broker connection lost: {text}"),
+            Failure::Refused(text) => format!("broker connection refused: {text}"),
         }
     }
 
@@ -94,7 +100,21 @@ impl Failure {
                 *code == code::PRECONDITION_FAILED
                     && text.contains("larger than configured max size")
             }
-            Failure::Topology { .. } | Failure::Connection(_) => false,
+            Failure::Topology { .. } | Failure::Connection(_) | Failure::Refused(_) => false,
+        }
+    }
+
+    /// The node refused the TCP connection (see [`Failure::Refused`]).
+    pub fn is_refused(&self) -> bool {
+        matches!(self, Failure::Refused(_))
+    }
+
+    /// The text without the "broker connection lost:" prefix of [`Failure::describe`], for
+    /// joining several nodes' errors.
+    pub fn text(&self) -> String {
+        match self {
+            Failure::Connection(t) | Failure::Refused(t) => t.clone(),
+            other => other.describe(),
         }
     }
 
@@ -125,6 +145,7 @@ impl Failure {
                 text: format!("{what}: {text}"),
             },
             Failure::Connection(text) => Failure::Connection(format!("{what}: {text}")),
+            Failure::Refused(text) => Failure::Refused(format!("{what}: {text}")),
         }
     }
 }
@@ -279,6 +300,7 @@ mod tests {
                     assert_eq!(text, format!("{code} TEXT"));
                     "connection"
                 }
+                Failure::Refused(_) => "refused",
             };
             assert_eq!(got, want, "{code} hard={hard} {phase:?}");
         }

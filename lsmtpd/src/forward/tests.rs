@@ -263,6 +263,137 @@ async fn an_outage_never_counts_as_an_attempt() {
 }
 
 #[tokio::test]
+async fn a_connection_that_nacks_everything_is_given_up_and_no_attempt_is_counted() {
+    let mut rig = Rig::new();
+    // The first connection nacks every publish (a stale quorum-queue leader); later ones work.
+    rig.broker.set_rule(move |p| {
+        if p.connection <= 1 {
+            Script::Nack
+        } else {
+            Script::Ack
+        }
+    });
+    let ids = rig.accept(30, "nacked").await;
+    let mut cfg = config();
+    cfg.nodes = vec!["a:5672".into(), "b:5672".into()];
+    cfg.nack_run.max_nacks = 5;
+    cfg.retry.max_attempts = 1; // one counted attempt would hold a message
+    rig.start(cfg);
+    assert!(
+        eventually(|| rig.records().is_empty()).await,
+        "{:?}",
+        rig.records()
+    );
+    assert_eq!(delivered_ids(&rig.broker), sorted(ids));
+    let s = rig.status();
+    assert_eq!(s.failed_attempts, 0, "{s:?}");
+    assert_eq!(s.nack_runs, 1, "{s:?}");
+    assert!(s.nacked >= 5, "{s:?}");
+    // Given up on "a", the forwarder preferred the other node: a failover.
+    assert_eq!(rig.broker.connected_to(), ["a:5672", "b:5672"]);
+    assert_eq!(s.failovers, 1, "{s:?}");
+    assert_eq!(s.connected_node.as_deref(), Some("b:5672"));
+    rig.stop().await;
+}
+
+#[tokio::test]
+async fn a_broker_that_nacks_everything_for_a_while_holds_nobody() {
+    let mut rig = Rig::new();
+    let nacking = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let n = Arc::clone(&nacking);
+    rig.broker.set_rule(move |_| {
+        if n.load(Ordering::SeqCst) {
+            Script::Nack
+        } else {
+            Script::Ack
+        }
+    });
+    let ids = rig.accept(3, "full").await;
+    let mut cfg = config();
+    // Fewer messages than max_nacks: the run trips by time.
+    cfg.nack_run.max_duration = Duration::from_millis(50);
+    cfg.retry.max_attempts = 1;
+    rig.start(cfg);
+    assert!(eventually(|| rig.status().nack_runs >= 3).await);
+    assert!(rig
+        .records()
+        .iter()
+        .all(|r| r.attempts == 0 && r.state.name() == "queued"));
+    assert_eq!(rig.records().len(), 3);
+    // The queue has room again.
+    nacking.store(false, Ordering::SeqCst);
+    assert!(eventually(|| rig.records().is_empty()).await);
+    let mut got = delivered_ids(&rig.broker);
+    got.dedup();
+    assert_eq!(got, sorted(ids));
+    assert_eq!(rig.status().failed_attempts, 0);
+    rig.stop().await;
+}
+
+#[tokio::test]
+async fn a_lone_nack_between_confirms_still_counts_an_attempt() {
+    let mut rig = Rig::new();
+    rig.broker.set_rule(|p| {
+        if p.body.windows(5).any(|w| w == b"bad 0") {
+            Script::Nack
+        } else {
+            Script::Ack
+        }
+    });
+    let bad = rig.accept(1, "bad").await;
+    let good = rig.accept(5, "good").await;
+    let mut cfg = config();
+    cfg.retry.max_attempts = 1;
+    rig.start(cfg);
+    // The good mail's confirms decide the parked nack: one attempt, so held.
+    assert!(
+        eventually(|| {
+            let r = rig.records();
+            r.len() == 1 && r[0].id == bad[0] && r[0].state.name() == "held"
+        })
+        .await,
+        "{:?}",
+        rig.records()
+    );
+    let why = rig.records()[0].last_error.clone().unwrap_or_default();
+    assert!(why.contains("nacked by broker (attempt 1 of 1)"), "{why}");
+    assert_eq!(delivered_ids(&rig.broker), sorted(good));
+    assert_eq!(rig.status().nack_runs, 0);
+    rig.stop().await;
+}
+
+#[tokio::test]
+async fn a_refusing_node_is_skipped_and_the_live_one_preferred() {
+    let mut rig = Rig::new();
+    rig.broker.refuse_node(
+        "a:5672",
+        Some(Failure::Refused("connection refused".into())),
+    );
+    let ids = rig.accept(5, "live").await;
+    let mut cfg = config();
+    cfg.nodes = vec!["a:5672".into(), "b:5672".into()];
+    rig.start(cfg);
+    assert!(eventually(|| rig.records().is_empty()).await);
+    assert_eq!(delivered_ids(&rig.broker), sorted(ids));
+    assert_eq!(rig.broker.connected_to(), ["b:5672"]);
+    assert_eq!(
+        rig.status().failovers,
+        0,
+        "the first connection is no failover"
+    );
+    // b goes away: back to a (now accepting): one failover.
+    rig.broker.refuse_node("a:5672", None);
+    rig.broker.refuse_node(
+        "b:5672",
+        Some(Failure::Refused("connection refused".into())),
+    );
+    rig.broker.drop_connection();
+    assert!(eventually(|| rig.status().connected_node.as_deref() == Some("a:5672")).await);
+    assert_eq!(rig.status().failovers, 1);
+    rig.stop().await;
+}
+
+#[tokio::test]
 async fn a_poison_message_in_a_full_window_is_found_and_only_it_is_held() {
     let mut rig = Rig::new();
     rig.broker.set_rule(|p| {

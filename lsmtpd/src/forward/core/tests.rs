@@ -184,25 +184,90 @@ fn one_returned_copy_of_several_fails_the_whole_message() {
 }
 
 #[test]
-fn a_nack_defers_with_one_attempt_counted() {
+fn a_nack_is_parked_until_a_confirm_then_defers_with_one_attempt_counted() {
     let mut c = core();
     start(&mut c, 1, 1);
+    start(&mut c, 2, 1);
     let s = c.settle(vec![nack(1, 0)], None, NOW_MS);
-    match s.decisions.as_slice() {
-        [Decision::Defer {
+    assert!(s.decisions.is_empty(), "undecided while no confirm came");
+    assert!(!s.any_ack);
+    assert_eq!((c.parked(), c.in_flight()), (1, 1));
+    assert_eq!(
+        c.room(),
+        7,
+        "a parked message does not take room in the window"
+    );
+    assert_eq!(c.counters().nacked, 1);
+    assert_eq!(c.counters().failed_attempts, 0);
+    // Another publish is confirmed: the channel works, the nack was about message 1.
+    let s = c.settle(vec![ack(2, 0)], None, NOW_MS);
+    assert_eq!(kinds(&s.decisions), [(id(1), "defer"), (id(2), "complete")]);
+    match s.decisions.iter().find(|d| d.id() == id(1)) {
+        Some(Decision::Defer {
             due_ms,
             attempts,
             reason,
             ..
-        }] => {
+        }) => {
             assert_eq!(*attempts, 1);
             assert_eq!(reason, "nacked by broker");
             assert!(*due_ms >= NOW_MS + 2500 && *due_ms <= NOW_MS + 5000);
         }
         other => panic!("{other:?}"),
     }
-    assert!(!s.any_ack);
-    assert_eq!(c.counters().nacked, 1);
+    assert_eq!(c.parked(), 0);
+    assert_eq!(c.counters().failed_attempts, 1);
+}
+
+#[test]
+fn a_run_of_nacks_gives_every_parked_message_back_without_an_attempt() {
+    let cfg = NackRunConfig {
+        max_nacks: 3,
+        max_duration: Duration::from_secs(10),
+    };
+    let mut c = Core::new(retry(), 8, 42).with_nack_run(&cfg);
+    for n in 1..=4 {
+        start(&mut c, n, 1);
+    }
+    c.settle(vec![nack(1, 0), nack(2, 0)], None, NOW_MS);
+    assert!(!c.nack_run_tripped(NOW_MS));
+    c.settle(vec![nack(3, 0)], None, NOW_MS);
+    assert!(c.nack_run_tripped(NOW_MS));
+    let (back, nacks) = c.end_nack_run();
+    assert_eq!(nacks, 3);
+    assert_eq!(
+        kinds(&back),
+        [(id(1), "unlease"), (id(2), "unlease"), (id(3), "unlease")]
+    );
+    assert_eq!(c.counters().failed_attempts, 0, "no attempt counted");
+    assert_eq!(c.counters().nack_runs, 1);
+    assert!(!c.nack_run_tripped(NOW_MS), "a new run starts");
+    // Message 4 is still outstanding; the shell gives it back with the connection.
+    assert_eq!(kinds(&c.give_back_all()), [(id(4), "unlease")]);
+}
+
+#[test]
+fn a_slow_run_of_nacks_trips_by_time() {
+    let mut c = core(); // default: 20 nacks or 10s
+    start(&mut c, 1, 1);
+    c.settle(vec![nack(1, 0)], None, NOW_MS);
+    assert_eq!(c.nack_run_deadline_ms(), Some(NOW_MS + 10_000));
+    assert!(!c.nack_run_tripped(NOW_MS + 9_999));
+    assert!(c.nack_run_tripped(NOW_MS + 10_000));
+    let (back, _) = c.end_nack_run();
+    assert_eq!(kinds(&back), [(id(1), "unlease")]);
+    assert_eq!(c.nack_run_deadline_ms(), None);
+}
+
+#[test]
+fn parked_messages_go_back_when_the_connection_is_lost() {
+    let mut c = core();
+    start(&mut c, 1, 1);
+    start(&mut c, 2, 1);
+    c.settle(vec![nack(1, 0)], None, NOW_MS);
+    let back = c.on_connection_lost(&Failure::Connection("reset".into()));
+    assert_eq!(kinds(&back), [(id(1), "unlease"), (id(2), "unlease")]);
+    assert_eq!(c.counters().failed_attempts, 0);
 }
 
 #[test]
@@ -554,6 +619,13 @@ proptest! {
             decisions.extend(s.decisions);
         }
         prop_assert_eq!(c.in_flight(), 0);
+        if c.parked() > 0 {
+            // Nacks after the last ack wait for a confirm: give them one.
+            start(&mut c, 240, 1);
+            let s = c.settle(vec![ack(240, 0)], None, NOW_MS);
+            decisions.extend(s.decisions.into_iter().filter(|d| d.id() != id(240)));
+        }
+        prop_assert_eq!(c.parked(), 0);
         prop_assert_eq!(decisions.len(), fates.len());
         for (m, copies) in fates.iter().enumerate() {
             let n = u8::try_from(m).expect("small");
