@@ -9,6 +9,7 @@
 //! graceful shutdown.
 
 pub mod admin;
+pub mod budget;
 pub mod config;
 pub mod exporter;
 pub mod forward;
@@ -20,9 +21,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::budget::Budget;
 use anyhow::Context as _;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
@@ -90,13 +91,11 @@ impl Daemon {
             ..Metrics::default()
         });
         let tls = ServerTls::load(&config.smtp.tls).context("smtp.tls")?;
-        let budget = usize::try_from(config.smtp.memory_budget_bytes)
-            .unwrap_or(Semaphore::MAX_PERMITS)
-            .min(Semaphore::MAX_PERMITS);
+        let budget = Budget::new(config.memory_budget_bytes());
         let ctx = Arc::new(SessionContext {
             config: Arc::new(config.smtp.clone()),
             spool: spool.clone(),
-            budget: Arc::new(Semaphore::new(budget)),
+            budget: budget.clone(),
             metrics: Arc::clone(&metrics),
             token: token.clone(),
             tls: tls.clone(),
@@ -142,6 +141,7 @@ impl Daemon {
             exporter
                 .as_ref()
                 .map_or_else(Latency::off, Exporter::publish_confirm),
+            budget,
         );
         let admin_ctx = Arc::new(admin::Context {
             spool: spool.clone(),
@@ -289,15 +289,32 @@ impl Daemon {
 }
 
 /// Binds every address of one listener setting; errors name the address and the setting.
+/// The `listen()` backlog asked for: a burst of connections (1,000 at once on a busy CPU) must
+/// wait in the kernel's queue, not overflow it (tokio's default is 1024). The kernel caps it at
+/// `net.core.somaxconn` (4096 by default since Linux 5.4).
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds `addr` (with `SO_REUSEADDR`, as `TcpListener::bind` does) and listens with
+/// [`LISTEN_BACKLOG`].
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 async fn bind_all(
     addrs: &[SocketAddr],
     setting: &str,
 ) -> anyhow::Result<Vec<(TcpListener, SocketAddr)>> {
     let mut bound = Vec::with_capacity(addrs.len());
     for addr in addrs {
-        let socket = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr} ({setting})"))?;
+        let socket =
+            listen(*addr).with_context(|| format!("cannot listen on {addr} ({setting})"))?;
         let local = socket
             .local_addr()
             .context("listener has no local address")?;

@@ -1,7 +1,8 @@
 //! The SMTP session shell in-process: a [`Session`] over `tokio::io::duplex` against a
 //! temporary spool, no sockets and no broker. Covers what only the shell does: storing what the
 //! DATA reader returns (only then 250), the DATA line limit and its reply, SIZE at MAIL, a cut
-//! connection in the middle of DATA, and the shutdown token.
+//! connection in the middle of DATA, the shutdown token, and the memory budget (reserved at
+//! MAIL FROM from SIZE=, charged by chunks without it, given back on every path).
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -10,6 +11,7 @@ mod support;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use lsmtpd::budget::Budget;
 use lsmtpd::config::SmtpConfig;
 use lsmtpd::metrics::Metrics;
 use lsmtpd::smtp::policy::Guard;
@@ -17,7 +19,6 @@ use lsmtpd::smtp::session::{Session, SessionContext, SessionError};
 use lsmtpd::spool::Spool;
 use support::{spool_config, strip_received, stuff, Client};
 use tokio::io::DuplexStream;
-use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -27,10 +28,16 @@ struct Harness {
     spool: Spool,
     token: CancellationToken,
     ctx: Arc<SessionContext>,
+    budget: Budget,
 }
 
 impl Harness {
     async fn new(config: SmtpConfig) -> Harness {
+        Harness::with_budget(config, 48 << 20).await
+    }
+
+    async fn with_budget(config: SmtpConfig, budget_bytes: u64) -> Harness {
+        let budget = Budget::new(budget_bytes);
         let dir = tempfile::tempdir().unwrap();
         let cfg = spool_config(dir.path());
         let spool = tokio::task::spawn_blocking(move || Spool::open(&cfg))
@@ -40,9 +47,7 @@ impl Harness {
         let token = CancellationToken::new();
         let ctx = Arc::new(SessionContext {
             guard: Arc::new(Guard::new(&config).unwrap()),
-            budget: Arc::new(Semaphore::new(
-                usize::try_from(config.memory_budget_bytes).unwrap(),
-            )),
+            budget: budget.clone(),
             config: Arc::new(config),
             spool: spool.clone(),
             metrics: Arc::new(Metrics::default()),
@@ -55,7 +60,25 @@ impl Harness {
             spool,
             token,
             ctx,
+            budget,
         }
+    }
+
+    /// Waits until every byte of the budget is back (sessions give it back as they end).
+    async fn budget_all_back(&self) {
+        let all = self.budget.total_bytes();
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while self.budget.available_bytes() != all {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "budget not given back: {} of {all} free",
+                self.budget.available_bytes()
+            )
+        });
     }
 
     /// Starts a session for a client at `peer`; returns the client end (greeting read) and the
@@ -262,4 +285,172 @@ async fn pipelined_transactions_get_their_replies_in_order() {
             b"Subject: 2\r\n\r\nbody 2\r\n".to_vec()
         ]
     );
+}
+
+/// A body of `n` bytes of 78-column text lines.
+fn text_body(n: usize) -> Vec<u8> {
+    let line = [&[b'm'; 76][..], b"\r\n"].concat();
+    let mut body = line.repeat(n / line.len() + 1);
+    body.truncate(n / line.len() * line.len());
+    body
+}
+
+#[tokio::test]
+async fn size_is_reserved_at_mail_and_refused_with_452_before_any_body_byte() {
+    // 1 MiB messages are charged twice (buffer and the spool's copy): 5 MiB holds two.
+    let config = SmtpConfig {
+        max_message_bytes: 2 << 20,
+        ..SmtpConfig::default()
+    };
+    let h = Harness::with_budget(config, 5 << 20).await;
+    let body = text_body(1 << 20);
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        let (mut c, session) = h.connect(&format!("192.0.2.{}", i + 1)).await;
+        c.cmd("EHLO client.test").await.unwrap();
+        clients.push((c, session));
+    }
+    let size = body.len() + 512;
+    for (c, _) in &mut clients[..2] {
+        let r = c
+            .cmd(&format!("MAIL FROM:<a@example.org> SIZE={size}"))
+            .await
+            .unwrap();
+        assert_eq!(r.code, 250, "{r:?}");
+    }
+    let r = clients[2]
+        .0
+        .cmd(&format!("MAIL FROM:<a@example.org> SIZE={size}"))
+        .await
+        .unwrap();
+    assert_eq!(r.codes(), "452 4.3.1", "{r:?}");
+    // No transaction: the client may try again later.
+    assert_eq!(
+        clients[2]
+            .0
+            .cmd("RCPT TO:<b@example.net>")
+            .await
+            .unwrap()
+            .code,
+        503
+    );
+    // A smaller declared message still fits beside the two.
+    let r = clients[2]
+        .0
+        .cmd("MAIL FROM:<a@example.org> SIZE=10000")
+        .await
+        .unwrap();
+    assert_eq!(r.code, 250, "{r:?}");
+    assert_eq!(clients[2].0.cmd("RSET").await.unwrap().code, 250);
+    for (c, _) in &mut clients[..2] {
+        c.cmd("RCPT TO:<b@example.net>").await.unwrap();
+        assert_eq!(c.cmd("DATA").await.unwrap().code, 354);
+        c.send(&stuff(&body)).await.unwrap();
+        let r = c.reply().await.unwrap();
+        assert_eq!(r.code, 250, "{r:?}");
+    }
+    h.budget_all_back().await;
+    // Once the two are stored, the third gets through.
+    let c = &mut clients[2].0;
+    let r = c
+        .cmd(&format!("MAIL FROM:<a@example.org> SIZE={size}"))
+        .await
+        .unwrap();
+    assert_eq!(r.code, 250, "{r:?}");
+    c.cmd("RCPT TO:<b@example.net>").await.unwrap();
+    assert_eq!(c.cmd("DATA").await.unwrap().code, 354);
+    c.send(&stuff(&body)).await.unwrap();
+    assert_eq!(c.reply().await.unwrap().code, 250);
+    let stored = h.stored();
+    assert_eq!(stored.len(), 3);
+    for (_, bytes) in &stored {
+        assert_eq!(strip_received(bytes), &body[..]);
+    }
+    h.budget_all_back().await;
+}
+
+#[tokio::test]
+async fn short_of_budget_mid_body_the_body_is_read_to_its_end_and_gets_452() {
+    let h = Harness::with_budget(SmtpConfig::default(), 3 << 20).await;
+    let (mut c, session) = h.connect("192.0.2.7").await;
+    c.cmd("EHLO client.test").await.unwrap();
+    // Another session reserves about 2 MB (1 MB declared, charged twice): about 1.1 MB is left.
+    let (mut other, _other_session) = h.connect("192.0.2.8").await;
+    other.cmd("EHLO other.test").await.unwrap();
+    let r = other
+        .cmd("MAIL FROM:<a@example.org> SIZE=1000000")
+        .await
+        .unwrap();
+    assert_eq!(r.code, 250, "{r:?}");
+    // Without SIZE=, a small message is charged chunk by chunk and fits beside it.
+    let small = text_body(200_000);
+    let r = c
+        .send_message("a@example.org", &["b@example.net"], &stuff(&small))
+        .await
+        .unwrap();
+    assert_eq!(r.code, 250, "{r:?}");
+    // 1 MB without SIZE= needs 2 MB: the budget runs out half-way; the body is still read to
+    // its end (the next command is understood) and the message gets 452 4.3.1.
+    let big = text_body(1_000_000);
+    let r = c
+        .send_message("a@example.org", &["b@example.net"], &stuff(&big))
+        .await
+        .unwrap();
+    assert_eq!(r.codes(), "452 4.3.1", "the budget ran out mid-body: {r:?}");
+    // The refused body gave its charge back: only the other's reservation is held.
+    let held = h.budget.total_bytes() - h.budget.available_bytes();
+    assert!(held < 2_100_000, "{held} bytes still held");
+    // Once the other gives its reservation back, the same message is accepted.
+    assert_eq!(other.cmd("RSET").await.unwrap().code, 250);
+    let r = c
+        .send_message("a@example.org", &["b@example.net"], &stuff(&big))
+        .await
+        .unwrap();
+    assert_eq!(r.code, 250, "{r:?}");
+    let stored = h.stored();
+    assert_eq!(stored.len(), 2);
+    assert!(stored.iter().any(|(_, b)| strip_received(b) == &big[..]));
+    assert_eq!(c.cmd("QUIT").await.unwrap().code, 221);
+    session.await.unwrap().unwrap();
+    drop(other);
+    h.budget_all_back().await;
+}
+
+#[tokio::test]
+async fn a_session_dropped_mid_data_gives_its_budget_back() {
+    let h = Harness::with_budget(SmtpConfig::default(), 48 << 20).await;
+    for declared in [None, Some(5_000_000)] {
+        let (mut c, session) = h.connect("192.0.2.7").await;
+        c.cmd("EHLO client.test").await.unwrap();
+        let mail = match declared {
+            Some(size) => format!("MAIL FROM:<a@example.org> SIZE={size}"),
+            None => "MAIL FROM:<a@example.org>".to_string(),
+        };
+        assert_eq!(c.cmd(&mail).await.unwrap().code, 250);
+        c.cmd("RCPT TO:<b@example.net>").await.unwrap();
+        assert_eq!(c.cmd("DATA").await.unwrap().code, 354);
+        c.send(&text_body(2 << 20)).await.unwrap();
+        // The session holds budget for what it received so far.
+        let held = h.budget.total_bytes() - h.budget.available_bytes();
+        assert!(held > 0, "{declared:?}: nothing charged");
+        // The client vanishes mid-body: no reply, nothing stored, every byte given back.
+        drop(c);
+        session.await.unwrap().unwrap();
+        h.budget_all_back().await;
+        assert!(h.stored().is_empty());
+    }
+    // Dropped between MAIL (a reservation) and DATA: given back too.
+    let (mut c, session) = h.connect("192.0.2.7").await;
+    c.cmd("EHLO client.test").await.unwrap();
+    assert_eq!(
+        c.cmd("MAIL FROM:<a@example.org> SIZE=9000000")
+            .await
+            .unwrap()
+            .code,
+        250
+    );
+    assert!(h.budget.available_bytes() < h.budget.total_bytes());
+    drop(c);
+    session.await.unwrap().unwrap();
+    h.budget_all_back().await;
 }

@@ -17,6 +17,7 @@
 pub mod amqp;
 pub mod daemon;
 pub mod env;
+pub mod memory;
 pub mod net;
 pub mod problem;
 pub mod recipient;
@@ -30,6 +31,7 @@ use serde::{Deserialize, Serialize};
 pub use amqp::AmqpConfig;
 pub use daemon::{AdminConfig, LogConfig, LogFormat, MetricsConfig, ShutdownConfig};
 pub use env::ENV_VARS;
+pub use memory::MemoryConfig;
 pub use problem::Problem;
 pub use smtp::{
     AuthConfig, BareNewline, LimitsConfig, PolicyConfig, ProxyConfig, SmtpConfig, TlsConfig,
@@ -46,6 +48,8 @@ pub struct Config {
     pub smtp: SmtpConfig,
     pub spool: SpoolConfig,
     pub amqp: AmqpConfig,
+    /// The one memory budget of the whole daemon.
+    pub memory: MemoryConfig,
     pub admin: AdminConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
@@ -91,6 +95,17 @@ impl Config {
         }
     }
 
+    /// The memory budget in effect (`memory.budget_bytes`, or the older
+    /// `smtp.memory_budget_bytes` when only that is set; the default grows with
+    /// `smtp.max_message_bytes`).
+    pub fn memory_budget_bytes(&self) -> u64 {
+        memory::effective_budget(
+            &self.memory,
+            self.smtp.memory_budget_bytes,
+            self.smtp.max_message_bytes,
+        )
+    }
+
     /// Checks every rule of every section and reports every problem at once.
     pub fn validate(&self) -> Result<(), Vec<Problem>> {
         let mut p = Vec::new();
@@ -100,6 +115,12 @@ impl Config {
         self.metrics.validate(&self.smtp.listen, &mut p);
         self.log.validate(&mut p);
         self.amqp.validate(&mut p);
+        memory::validate(
+            &self.memory,
+            self.smtp.memory_budget_bytes,
+            self.smtp.max_message_bytes,
+            &mut p,
+        );
         if p.is_empty() {
             Ok(())
         } else {
@@ -402,7 +423,7 @@ mod tests {
         let mut c = Config::default();
         c.smtp.listen.clear();
         c.smtp.max_recipients = 0;
-        c.smtp.memory_budget_bytes = 1;
+        c.smtp.memory_budget_bytes = Some(1);
         c.log.level = "[[[".into();
         let errs = c.validate().unwrap_err();
         let names: Vec<_> = errs.iter().map(|p| p.setting.as_str()).collect();

@@ -48,9 +48,14 @@ pub struct SmtpConfig {
     /// block).
     #[serde(with = "humantime_serde")]
     pub data_timeout: Duration,
-    /// Message bytes all sessions together may hold in memory while receiving; over it the
-    /// message gets 452 4.3.1 at its end. Must be at least `max_message_bytes`.
-    pub memory_budget_bytes: u64,
+    /// Deprecated: the older name of `memory.budget_bytes`, which now covers the whole daemon.
+    /// When only this is set it sizes that budget. `None` (the default): not set.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "plain_u64",
+        deserialize_with = "some_u64"
+    )]
+    pub memory_budget_bytes: Option<u64>,
     /// STARTTLS and implicit TLS (`smtp::tls`); off until a certificate is configured.
     pub tls: TlsConfig,
     /// SMTP AUTH (RFC 4954), offered over TLS only.
@@ -91,6 +96,16 @@ impl Default for AuthConfig {
     }
 }
 
+/// `memory_budget_bytes: 67108864` as older files write it (a plain number, not `Some(..)`).
+fn some_u64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    u64::deserialize(d).map(Some)
+}
+
+/// Writes what [`some_u64`] reads. Only called for `Some` (`skip_serializing_if`).
+fn plain_u64<S: serde::Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(v.unwrap_or(0))
+}
+
 impl Default for SmtpConfig {
     fn default() -> Self {
         SmtpConfig {
@@ -105,7 +120,7 @@ impl Default for SmtpConfig {
             bare_newline: BareNewline::Reject,
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(180),
-            memory_budget_bytes: 64 * 1024 * 1024,
+            memory_budget_bytes: None,
             tls: TlsConfig::default(),
             auth: AuthConfig::default(),
             policy: PolicyConfig::default(),
@@ -187,15 +202,6 @@ impl SmtpConfig {
         }
         if s.data_timeout.is_zero() {
             p.push(Problem::new("smtp.data_timeout", "must be greater than 0"));
-        }
-        if s.memory_budget_bytes < s.max_message_bytes {
-            p.push(Problem::new(
-                "smtp.memory_budget_bytes",
-                format!(
-                    "({}) must be at least smtp.max_message_bytes ({}), or no message of the maximum size could ever be received",
-                    s.memory_budget_bytes, s.max_message_bytes
-                ),
-            ));
         }
         s.tls.validate(&s.listen, p);
         let a = &s.auth;

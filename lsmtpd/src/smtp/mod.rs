@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod auth_users;
+pub mod body;
 pub mod listener;
 pub mod policy;
 pub mod proxy;

@@ -22,17 +22,17 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use lsmtp_shared::MessageId;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::budget::{Budget, Charge};
 use crate::config::SmtpConfig;
 use crate::metrics::Metrics;
 use crate::smtp::auth::{AuthPolicy, Credentials};
 use crate::smtp::auth_users::AuthUsers;
+use crate::smtp::body::{reservation_for, BodyBuffer};
 use crate::smtp::policy::Guard;
 use crate::smtp::ratelimit::{message_rate_reply, ErrorCounter};
 use crate::smtp::received::received_header;
@@ -46,18 +46,17 @@ use crate::spool::{now_ms, NewMessage, Spool, SpoolError};
 
 /// How long closing the connection (TLS close_notify, TCP FIN) may take at the end of a session.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Size of one socket read.
+/// Size of one socket read while a message body is read.
 const READ_CHUNK: usize = 16 * 1024;
-/// Memory budget is taken in steps of this many bytes, so a message costs one semaphore
-/// operation per step rather than per read.
-const BUDGET_STEP: usize = 64 * 1024;
+/// Size of one socket read between commands: an idle connection holds only this much.
+const COMMAND_READ: usize = 1024;
 
 /// What every session of a daemon shares.
 pub struct SessionContext {
     pub config: Arc<SmtpConfig>,
     pub spool: Spool,
-    /// The memory budget in bytes (`smtp.memory_budget_bytes`).
-    pub budget: Arc<Semaphore>,
+    /// The daemon's memory budget (`memory.budget_bytes`): bodies are charged to it.
+    pub budget: Budget,
     pub metrics: Arc<Metrics>,
     pub token: CancellationToken,
     /// The TLS acceptor when `smtp.tls` has a certificate (STARTTLS is then offered).
@@ -83,62 +82,6 @@ enum Input {
     Cancelled,
 }
 
-/// A message body being received, with the memory budget it holds.
-struct BodyBuffer {
-    bytes: Vec<u8>,
-    /// Length of our `Received:` header at the start of `bytes`.
-    header_len: usize,
-    permit: Option<OwnedSemaphorePermit>,
-    reserved: usize,
-    over_budget: bool,
-}
-
-impl BodyBuffer {
-    fn new(header: Vec<u8>) -> BodyBuffer {
-        BodyBuffer {
-            header_len: header.len(),
-            bytes: header,
-            permit: None,
-            reserved: 0,
-            over_budget: false,
-        }
-    }
-
-    /// Charges what the body has grown by to the budget. Returns false when the budget is
-    /// exhausted: the body is then dropped and only counted from here on.
-    fn charge(&mut self, budget: &Arc<Semaphore>) -> bool {
-        if self.over_budget {
-            return false;
-        }
-        if self.bytes.len() <= self.reserved {
-            return true;
-        }
-        let want = (self.bytes.len() - self.reserved).div_ceil(BUDGET_STEP) * BUDGET_STEP;
-        let Ok(n) = u32::try_from(want) else {
-            return self.give_up();
-        };
-        match budget.clone().try_acquire_many_owned(n) {
-            Ok(p) => {
-                match &mut self.permit {
-                    Some(held) => held.merge(p),
-                    None => self.permit = Some(p),
-                }
-                self.reserved += want;
-                true
-            }
-            Err(_) => self.give_up(),
-        }
-    }
-
-    fn give_up(&mut self) -> bool {
-        self.over_budget = true;
-        self.bytes = Vec::new();
-        self.permit = None;
-        self.reserved = 0;
-        false
-    }
-}
-
 /// The session: owns the connection and its buffers.
 pub struct Session<S> {
     /// Connection-limit slots; declared first so they are released before the socket closes.
@@ -156,6 +99,8 @@ pub struct Session<S> {
     read_buf: Vec<u8>,
     /// The body of a BDAT transaction in progress.
     bdat_body: Option<(MessageId, BodyBuffer)>,
+    /// Budget reserved at MAIL FROM for the declared `SIZE=`, until the body takes it over.
+    reserved: Option<Charge>,
     /// Error replies so far (`smtp.limits.hard_error_limit`).
     errors: ErrorCounter,
 }
@@ -191,8 +136,9 @@ where
             state: SmtpState::new(limits, offer).with_auth(auth),
             lines,
             out: Vec::with_capacity(512),
-            read_buf: vec![0; READ_CHUNK],
+            read_buf: vec![0; COMMAND_READ],
             bdat_body: None,
+            reserved: None,
             errors,
         }
     }
@@ -368,9 +314,32 @@ where
         }
         let is_mail = matches!(cmd, Command::Mail { .. });
         let spool = &self.ctx.spool;
-        let mut step = self
-            .state
-            .on_command(cmd, &|size| spool.check_capacity(size).is_ok());
+        let budget = &self.ctx.budget;
+        let max = self.ctx.config.max_message_bytes;
+        let reservation = std::cell::RefCell::new(None);
+        let mut step = self.state.on_command(cmd, &|size| {
+            if spool.check_capacity(size).is_err() {
+                return false;
+            }
+            if size == 0 {
+                // No SIZE=: the body is charged chunk by chunk as it arrives.
+                return true;
+            }
+            // Reserved before the client sends a byte; short: 452 4.3.1 right here.
+            match budget.try_reserve(reservation_for(size, max)) {
+                Some(charge) => {
+                    *reservation.borrow_mut() = Some(charge);
+                    true
+                }
+                None => {
+                    debug!(declared = size, "message_refused_memory_budget");
+                    false
+                }
+            }
+        });
+        if let Some(charge) = reservation.into_inner() {
+            self.reserved = Some(charge);
+        }
         if is_mail && step.reply.as_ref().is_some_and(Reply::is_positive) {
             // Counted at accepted MAIL FROM: over the rate, the transaction is undone.
             if !self.ctx.guard.limits.allow_message(self.peer) {
@@ -382,6 +351,10 @@ where
                 info!(client_ip = %self.peer, "message_refused_rate");
                 step.reply = Some(message_rate_reply());
             }
+        }
+        if self.state.envelope().is_none() {
+            // No transaction (RSET, refused MAIL, a new EHLO): nothing stays reserved.
+            self.reserved = None;
         }
         Some(step)
     }
@@ -508,30 +481,68 @@ where
         (id, header)
     }
 
+    /// A new body for the message starting now, sized from `SIZE=` and taking over what MAIL
+    /// FROM reserved.
+    fn new_body(&mut self) -> (MessageId, BodyBuffer) {
+        let (id, header) = self.start_message();
+        let max = self.ctx.config.max_message_bytes;
+        let declared = self
+            .state
+            .envelope()
+            .and_then(|e| e.params.size)
+            .filter(|&d| d > 0)
+            .map(|d| usize::try_from(d.min(max)).unwrap_or(usize::MAX));
+        let charge = self
+            .reserved
+            .take()
+            .unwrap_or_else(|| self.ctx.budget.charge());
+        (id, BodyBuffer::new(&header, declared, charge))
+    }
+
+    /// Grows the read buffer for a body (and shrinks it back between commands).
+    fn body_reads(&mut self, on: bool) {
+        let want = if on { READ_CHUNK } else { COMMAND_READ };
+        if self.read_buf.len() != want {
+            self.read_buf = vec![0; want];
+        }
+    }
+
     async fn receive_data(&mut self) -> Result<bool, SessionError> {
         // The client waits for the 354 before it sends the body.
         self.flush().await?;
-        let (id, header) = self.start_message();
-        let mut body = BodyBuffer::new(header);
+        let (id, mut body) = self.new_body();
         let max_bytes = usize::try_from(self.ctx.config.max_message_bytes).unwrap_or(usize::MAX);
         let mut reader = DotUnstuffer::new(DataLimits {
             max_bytes,
             max_line: self.ctx.config.data_line_limit(),
             bare_newline: self.ctx.config.bare_newline,
         });
+        if body.over_budget() {
+            reader.discard();
+        }
+        self.body_reads(true);
         // Bytes that arrived behind the DATA command are the body's first bytes.
         let mut pending = self.lines.take_buffered();
-        loop {
-            let fed = reader.feed(&pending, &mut body.bytes);
-            if !body.charge(&self.ctx.budget) {
-                reader.discard();
-            }
-            match fed {
-                Feed::Done { consumed } => {
-                    self.lines.extend(&pending[consumed..]);
-                    break;
+        let done = loop {
+            let mut at = 0;
+            let mut consumed = None;
+            while at < pending.len() {
+                // Fed in pieces that fit the body's current chunk: it never reallocates.
+                let n = body.feed_len(pending.len() - at);
+                if body.over_budget() {
+                    reader.discard();
                 }
-                Feed::NeedMore => {}
+                match reader.feed(&pending[at..at + n], body.sink()) {
+                    Feed::Done { consumed: c } => {
+                        consumed = Some(at + c);
+                        break;
+                    }
+                    Feed::NeedMore => at += n,
+                }
+            }
+            if let Some(consumed) = consumed {
+                self.lines.extend(&pending[consumed..]);
+                break true;
             }
             match self.read(self.ctx.config.data_timeout, false).await? {
                 Input::Data(n) => {
@@ -540,17 +551,25 @@ where
                 }
                 Input::Eof | Input::Cancelled => {
                     warn!(msg_id = %id, "connection_lost_in_data");
-                    return Ok(false);
+                    break false;
                 }
                 Input::TimedOut => {
                     Reply::timeout().write_to(&mut self.out);
-                    return Ok(false);
+                    break false;
                 }
             }
+        };
+        self.body_reads(false);
+        if !done {
+            // `body` and its charge are dropped here: the budget gets its bytes back.
+            return Ok(false);
         }
         let refusal = match reader.finish() {
             Err(e) => Some(data_error_reply(&e, &self.ctx.config)),
-            Ok(()) if body.over_budget => Some(Reply::insufficient_storage()),
+            Ok(()) if body.over_budget() => {
+                info!(msg_id = %id, client_ip = %self.peer, "message_refused_memory_budget");
+                Some(Reply::insufficient_storage())
+            }
             Ok(()) => None,
         };
         self.finish_message(id, body, refusal).await;
@@ -560,13 +579,13 @@ where
     async fn receive_bdat(&mut self, size: u64, last: bool) -> Result<bool, SessionError> {
         let (id, mut body) = match self.bdat_body.take() {
             Some(started) => started,
-            None => {
-                let (id, header) = self.start_message();
-                (id, BodyBuffer::new(header))
-            }
+            None => self.new_body(),
         };
+        if body.over_budget() {
+            self.state.refuse_bdat(Reply::insufficient_storage());
+        }
         let max = self.ctx.config.max_message_bytes;
-        let so_far = body.bytes.len().saturating_sub(body.header_len) as u64;
+        let so_far = body.body_len() as u64;
         if so_far.saturating_add(size) > max {
             self.state.refuse_bdat(Reply::message_too_big());
         }
@@ -578,9 +597,6 @@ where
         let Some(()) = self.copy_chunk(size, keep.then_some(&mut body)).await? else {
             return Ok(false);
         };
-        if keep && !body.charge(&self.ctx.budget) {
-            self.state.refuse_bdat(Reply::insufficient_storage());
-        }
         if !last {
             Reply::new(250, Some((2, 0, 0)), format!("{size} octets received"))
                 .write_to(&mut self.out);
@@ -597,6 +613,17 @@ where
     async fn copy_chunk(
         &mut self,
         size: u64,
+        body: Option<&mut BodyBuffer>,
+    ) -> Result<Option<()>, SessionError> {
+        self.body_reads(true);
+        let copied = self.copy_chunk_reads(size, body).await;
+        self.body_reads(false);
+        copied
+    }
+
+    async fn copy_chunk_reads(
+        &mut self,
+        size: u64,
         mut body: Option<&mut BodyBuffer>,
     ) -> Result<Option<()>, SessionError> {
         let mut left = size;
@@ -606,8 +633,7 @@ where
                 .unwrap_or(usize::MAX)
                 .min(pending.len());
             if let Some(b) = body.as_deref_mut() {
-                b.bytes.extend_from_slice(&pending[..take]);
-                if !b.charge(&self.ctx.budget) {
+                if !b.append(&pending[..take]) {
                     self.state.refuse_bdat(Reply::insufficient_storage());
                     body = None;
                 }
@@ -656,7 +682,8 @@ where
             reply.write_to(&mut self.out);
             return;
         };
-        let BodyBuffer { bytes, permit, .. } = body;
+        // The charge stays held until the spool has answered: it covers the spool's copy too.
+        let (bytes, charge) = body.finish();
         let size = bytes.len() as u64;
         let mail_from = envelope.from.to_string();
         let rcpt_to: Vec<String> = envelope.rcpts.iter().map(|r| r.to_string()).collect();
@@ -670,12 +697,12 @@ where
             auth_user: self.state.auth_user().map(str::to_string),
             mail_from: mail_from.clone(),
             rcpt_to,
-            body: Bytes::from(bytes),
+            body: bytes,
         };
         // The terminator was parsed just before this call: `started` is the end of the data too.
         let started = std::time::Instant::now();
         let stored = self.ctx.spool.accept(msg).await;
-        drop(permit);
+        drop(charge);
         let accepted = stored.is_ok();
         let reply = match stored {
             Ok(()) => {

@@ -177,10 +177,9 @@ impl DotUnstuffer {
                     }
                 },
                 State::Text => {
-                    // Fast path: copy the run of ordinary bytes in one go.
-                    let run = input[i - 1..]
-                        .iter()
-                        .position(|&c| c == b'\r' || c == b'\n')
+                    // Fast path: copy the run of ordinary bytes in one go (memchr searches a
+                    // vector at a time: a byte-wise search was most of DATA's cost).
+                    let run = memchr::memchr2(b'\r', b'\n', &input[i - 1..])
                         .unwrap_or(input.len() - (i - 1));
                     if run == 0 {
                         self.text_byte(b, body);

@@ -103,13 +103,28 @@ impl Reply {
     }
 
     /// Appends the wire form (`250-a\r\n250 b\r\n`) to `out`.
+    /// Writes straight into `out`: no intermediate strings (a reply goes out for every command).
     pub fn write_to(&self, out: &mut Vec<u8>) {
         let last = self.lines.len() - 1;
         for (i, line) in self.lines.iter().enumerate() {
-            let sep = if i == last { ' ' } else { '-' };
-            out.extend_from_slice(format!("{:03}{sep}", self.code).as_bytes());
+            // Three digits, zero-padded like `{:03}` (codes are 200..=599 anyway).
+            let c = self.code;
+            if c < 1000 {
+                out.extend_from_slice(&[
+                    b'0' + (c / 100) as u8,
+                    b'0' + (c / 10 % 10) as u8,
+                    b'0' + (c % 10) as u8,
+                ]);
+            } else {
+                push_decimal(out, c);
+            }
+            out.push(if i == last { b' ' } else { b'-' });
             if let Some((class, subject, detail)) = self.enhanced {
-                out.extend_from_slice(format!("{class}.{subject}.{detail}").as_bytes());
+                push_decimal(out, u16::from(class));
+                out.push(b'.');
+                push_decimal(out, subject);
+                out.push(b'.');
+                push_decimal(out, detail);
                 if !line.is_empty() {
                     out.push(b' ');
                 }
@@ -506,8 +521,17 @@ fn enhanced_len((class, subject, detail): (u8, u16, u16)) -> usize {
     format!("{class}.{subject}.{detail}").len()
 }
 
+/// Appends `n` in decimal, without leading zeros (`0` for zero).
+fn push_decimal(out: &mut Vec<u8>, n: u16) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
 /// Printable ASCII only, at most `budget` octets.
 fn sanitize(text: &str, budget: usize) -> String {
+    // The common case, printable ASCII within the budget, is copied as it is.
+    if text.len() <= budget && text.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+        return text.to_owned();
+    }
     text.chars()
         .map(|c| match c {
             ' '..='~' => c,
@@ -525,6 +549,52 @@ mod tests {
 
     fn wire(r: &Reply) -> String {
         String::from_utf8(r.to_bytes()).unwrap()
+    }
+
+    /// The wire form as `write_to` built it with `format!` before it wrote digits itself.
+    fn wire_with_format(r: &Reply) -> String {
+        let mut out = String::new();
+        let last = r.lines.len() - 1;
+        for (i, line) in r.lines.iter().enumerate() {
+            let sep = if i == last { ' ' } else { '-' };
+            out.push_str(&format!("{:03}{sep}", r.code));
+            if let Some((class, subject, detail)) = r.enhanced {
+                out.push_str(&format!("{class}.{subject}.{detail}"));
+                if !line.is_empty() {
+                    out.push(' ');
+                }
+            }
+            out.push_str(line);
+            out.push_str("\r\n");
+        }
+        out
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn write_to_matches_the_formatted_wire_form(
+            code in 200u16..=599,
+            enhanced in proptest::option::of((2u8..=5, proptest::prelude::any::<u16>(), proptest::prelude::any::<u16>())),
+            lines in proptest::collection::vec(".{0,600}", 0..4),
+        ) {
+            let enhanced = enhanced.map(|(_, s, d)| ((code / 100) as u8, s, d));
+            let r = Reply::multiline(code, enhanced, &lines);
+            proptest::prop_assert_eq!(wire(&r), wire_with_format(&r));
+        }
+
+        #[test]
+        fn sanitize_fast_path_matches_the_general_rule(text in ".{0,600}", budget in 0usize..600) {
+            let general: String = text
+                .chars()
+                .map(|c| match c {
+                    ' '..='~' => c,
+                    c if c.is_ascii() => ' ',
+                    _ => '?',
+                })
+                .take(budget)
+                .collect();
+            proptest::prop_assert_eq!(sanitize(&text, budget), general);
+        }
     }
 
     #[test]
