@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use lsmtp_shared::admin::{ErrorKind, ErrorReply, Hello, Request, Response};
 use lsmtp_shared::frame::{decode, encode, LineBuffer, MAX_FRAME_BYTES};
-use lsmtpd::spool::{Spool, SpoolError};
+use lsmtpd::spool::{SpoolError, SpoolReader};
 
 /// The daemon (or the spool) answered, and the answer is no: exit code 1.
 #[derive(Debug, thiserror::Error)]
@@ -31,7 +31,7 @@ pub fn reply_error(e: ErrorReply) -> anyhow::Error {
 pub enum Backend {
     Socket(Client),
     /// `--spool DIR`: list/show read the spool directly.
-    Offline(Spool),
+    Offline(SpoolReader),
 }
 
 impl Backend {
@@ -81,7 +81,7 @@ impl Backend {
 
 /// Opens a stopped daemon's spool. Refuses a directory that is not a spool (opening would create
 /// one) and says so clearly when a running daemon holds it.
-pub fn open_offline(dir: &Path) -> anyhow::Result<Spool> {
+pub fn open_offline(dir: &Path) -> anyhow::Result<SpoolReader> {
     if !dir.join("db").is_file() {
         bail!(
             "{} is not an lsmtpd spool directory (no sled database in it)",
@@ -93,7 +93,7 @@ pub fn open_offline(dir: &Path) -> anyhow::Result<Spool> {
         min_free_disk_bytes: 0,
         ..Default::default()
     };
-    match Spool::open(&cfg) {
+    match SpoolReader::open(&cfg) {
         Ok(s) => Ok(s),
         Err(SpoolError::Locked { .. }) => Err(Refused(format!(
             "the spool {} is in use by a running lsmtpd; ask the daemon instead (drop --spool, \

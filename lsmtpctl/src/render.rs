@@ -208,7 +208,7 @@ pub fn status_text(s: &StatusReport) -> String {
     line("SMTP", s.smtp_listeners.join(", "));
     line("Admin", s.admin_socket.clone());
     let b = &s.broker;
-    let conn = match &b.connected_node {
+    let mut conn = match &b.connected_node {
         Some(n) if b.blocked => format!("connected to {n}, BLOCKED by the broker (resource alarm)"),
         Some(n) => format!("connected to {n}"),
         None if b.topology_error.is_some() => {
@@ -216,6 +216,15 @@ pub fn status_text(s: &StatusReport) -> String {
         }
         None => format!("DISCONNECTED (nodes: {})", b.nodes.join(", ")),
     };
+    let c = &s.counters;
+    // With one node there is nothing to fail over to; a failover on one would still show.
+    if b.nodes.len() > 1 || c.failovers > 0 {
+        let n = c.failovers;
+        conn.push_str(&format!(
+            "; {n} failover{} since start",
+            if n == 1 { "" } else { "s" }
+        ));
+    }
     line("Broker", conn);
     if let Some(e) = &b.topology_error {
         line("", format!("topology error: {}", clip(e, 300)));
@@ -271,10 +280,15 @@ pub fn status_text(s: &StatusReport) -> String {
     } else {
         String::new()
     };
+    let nack_runs = if c.nack_runs > 0 {
+        format!(", {} nack runs", c.nack_runs)
+    } else {
+        String::new()
+    };
     line(
         "",
         format!(
-            "{} failed attempts, {} refused (held), {} connection failures{topology}",
+            "{} failed attempts, {} refused (held), {} connection failures{topology}{nack_runs}",
             c.failed_attempts, c.refused, c.connection_failures
         ),
     );

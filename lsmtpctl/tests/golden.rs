@@ -203,6 +203,8 @@ fn status_report() -> StatusReport {
             connection_failures: 1,
             auth_succeeded: 212,
             auth_failed: 9,
+            failovers: 2,
+            nack_runs: 1,
             ..Default::default()
         },
         rates: Rates {

@@ -35,7 +35,8 @@ use crate::spool::now_ms;
 /// How often the counters and gauges are copied from the status report.
 pub const REFRESH: Duration = Duration::from_secs(1);
 
-/// `Spool::oldest_unheld_received_ms` reads at most this many held records before it gives up.
+/// Passed to `Spool::oldest_unheld_received_ms`; since spool v2 the answer is exact and kept in
+/// memory, so this bound no longer limits anything.
 const OLDEST_UNHELD_SCAN: usize = 10_000;
 
 /// What the exporter reports about the spool besides the status report.
@@ -96,7 +97,7 @@ impl Exporter {
 
     /// Serves until the returned task is aborted, refreshing the status series every [`REFRESH`].
     pub fn start(self, ctx: Arc<Context>, limits: SpoolLimits) -> JoinHandle<()> {
-        let series = Series::register(&self.recorder);
+        let series = Series::register(&self.recorder, &ctx.broker_nodes);
         series.spool_max_bytes.set(limits.max_bytes as f64);
         series
             .spool_min_free_disk_bytes
@@ -185,6 +186,10 @@ struct Series {
     broker_blocked: Gauge,
     broker_topology_error: Gauge,
     topology_errors: Counter,
+    /// `lsmtpd_broker_connected_node{node}`, one per configured node: 1 for the node connected.
+    connected_node: Vec<(String, Gauge)>,
+    failovers: Counter,
+    nack_runs: Counter,
     spool_max_bytes: Gauge,
     spool_min_free_disk_bytes: Gauge,
     spool_fs_size: Gauge,
@@ -193,7 +198,7 @@ struct Series {
 }
 
 impl Series {
-    fn register(r: &PrometheusRecorder) -> Series {
+    fn register(r: &PrometheusRecorder, nodes: &[String]) -> Series {
         let counter = |name: &'static str, help: &'static str| {
             r.describe_counter(KeyName::from_const_str(name), None, help.into());
             r.register_counter(&Key::from_static_name(name), &metadata())
@@ -218,6 +223,22 @@ impl Series {
             "Always 1; the label names the lsmtpd version".into(),
         );
         r.register_gauge(&build_info, &metadata()).set(1.0);
+        r.describe_gauge(
+            KeyName::from_const_str("lsmtpd_broker_connected_node"),
+            None,
+            "1 for the broker node (amqp.nodes) the forwarder is connected to, 0 for the others"
+                .into(),
+        );
+        let connected_node = nodes
+            .iter()
+            .map(|n| {
+                let key = Key::from_parts(
+                    "lsmtpd_broker_connected_node",
+                    vec![Label::new("node", n.clone())],
+                );
+                (n.clone(), r.register_gauge(&key, &metadata()))
+            })
+            .collect();
         let by_state = |state: &'static str| {
             let key = Key::from_parts("lsmtpd_spool_messages", vec![Label::new("state", state)]);
             r.register_gauge(&key, &metadata())
@@ -321,6 +342,15 @@ impl Series {
                 "lsmtpd_broker_topology_errors_total",
                 "Broker connections or channels ended by a topology problem",
             ),
+            connected_node,
+            failovers: counter(
+                "lsmtpd_broker_failovers_total",
+                "Broker connections to a different node than the previous connection (after the first)",
+            ),
+            nack_runs: counter(
+                "lsmtpd_broker_nack_runs_total",
+                "Broker connections given up after a run of nacks with no confirm (amqp.nack_run)",
+            ),
             spool_max_bytes: gauge(
                 "lsmtpd_spool_max_bytes",
                 Some(Unit::Bytes),
@@ -404,6 +434,12 @@ impl Series {
         self.broker_topology_error
             .set(f64::from(u8::from(s.broker.topology_error.is_some())));
         self.topology_errors.absolute(c.topology_errors);
+        for (node, gauge) in &self.connected_node {
+            let on = s.broker.connected_node.as_deref() == Some(node.as_str());
+            gauge.set(f64::from(u8::from(on)));
+        }
+        self.failovers.absolute(c.failovers);
+        self.nack_runs.absolute(c.nack_runs);
     }
 }
 
@@ -416,7 +452,8 @@ mod tests {
     #[test]
     fn status_report_and_latencies_render_as_prometheus_text() {
         let recorder = builder().unwrap().build_recorder();
-        let series = Series::register(&recorder);
+        let nodes = ["127.0.0.1:5672".to_owned(), "127.0.0.1:5673".to_owned()];
+        let series = Series::register(&recorder, &nodes);
         let mut s = StatusReport {
             version: String::new(),
             now_ms: 10_000,
@@ -444,6 +481,8 @@ mod tests {
         s.broker.connected_node = Some("127.0.0.1:5672".into());
         s.broker.topology_error = Some("NOT_FOUND - no exchange 'mail' in vhost '/'".into());
         s.counters.topology_errors = 7;
+        s.counters.failovers = 2;
+        s.counters.nack_runs = 1;
         series.update(&s);
         series.update_spool(10_000, Some(4_000), Some((1 << 30, 1 << 20)));
         let eod = histogram(&recorder, END_OF_DATA, "test");
@@ -464,6 +503,10 @@ mod tests {
             "lsmtpd_broker_blocked 0",
             "lsmtpd_broker_topology_error 1",
             "lsmtpd_broker_topology_errors_total 7",
+            "lsmtpd_broker_connected_node{node=\"127.0.0.1:5672\"} 1",
+            "lsmtpd_broker_connected_node{node=\"127.0.0.1:5673\"} 0",
+            "lsmtpd_broker_failovers_total 2",
+            "lsmtpd_broker_nack_runs_total 1",
             "lsmtpd_spool_oldest_unheld_age_seconds 6",
             "lsmtpd_spool_filesystem_size_bytes 1073741824",
             "lsmtpd_spool_filesystem_avail_bytes 1048576",

@@ -366,6 +366,14 @@ pub struct Counters {
     /// Connections to a PROXY listener closed without a greeting.
     #[serde(default)]
     pub proxy_refused: u64,
+    /// Broker connections to a different node than the previous connection (after the first);
+    /// absent from older daemons.
+    #[serde(default)]
+    pub failovers: u64,
+    /// Broker connections given up after a run of nacks with no confirm (`amqp.nack_run`);
+    /// absent from older daemons.
+    #[serde(default)]
+    pub nack_runs: u64,
 }
 
 /// Recent rates: how much happened in the last `window_ms` (up to a minute; shorter right after

@@ -20,7 +20,7 @@ use lsmtp_shared::shape::{rows_of, QueueShape, ShapeBy};
 
 use crate::forward::StatusView;
 use crate::metrics::Metrics;
-use crate::spool::{now_ms, HoldReason, MessageId, Record, Spool, SpoolError, State};
+use crate::spool::{now_ms, HoldReason, MessageId, Record, Spool, SpoolError, SpoolView, State};
 
 /// Everything the handlers may read or change. Built once by `Daemon::start`.
 pub struct Context {
@@ -178,6 +178,8 @@ pub fn status(ctx: &Context, now: u64) -> StatusReport {
             refused: broker.refused,
             connection_failures: broker.connection_failures,
             topology_errors: broker.topology_errors,
+            failovers: broker.failovers,
+            nack_runs: broker.nack_runs,
             auth_succeeded: load(&m.auth_succeeded),
             auth_failed: load(&m.auth_failed),
             rate_limited_connections: load(&m.rate_limited_connections),
@@ -199,7 +201,7 @@ pub struct Listing {
 }
 
 /// Lists the spool through `filter`. Blocking (reads sled); used offline by lsmtpctl too.
-pub fn list(spool: &Spool, filter: &ListFilter, now: u64) -> Result<Listing, SpoolError> {
+pub fn list(spool: &impl SpoolView, filter: &ListFilter, now: u64) -> Result<Listing, SpoolError> {
     let all = spool.list()?;
     let total = all.len() as u64;
     let matching: Vec<QueueEntry> = all
@@ -223,7 +225,7 @@ pub fn list(spool: &Spool, filter: &ListFilter, now: u64) -> Result<Listing, Spo
 /// (`None` offline, where `--by route` is refused). Blocking (reads sled); used offline by
 /// lsmtpctl too.
 pub fn shape(
-    spool: &Spool,
+    spool: &impl SpoolView,
     req: &ShapeRequest,
     now: u64,
     routes: Option<&RouteLabels>,
@@ -278,7 +280,7 @@ pub fn list_frames(l: Listing) -> Vec<Response> {
 
 /// `queue show`: the detail, or with `body` the exact stored bytes as `Body` frames.
 /// Blocking (reads sled); used offline by lsmtpctl too.
-pub fn show(spool: &Spool, id: MessageId, body: bool) -> Vec<Response> {
+pub fn show(spool: &impl SpoolView, id: MessageId, body: bool) -> Vec<Response> {
     let record = match spool.get(id) {
         Ok(Some(r)) => r,
         Ok(None) => return vec![Response::Error(spool_error(&SpoolError::NotFound(id)))],
@@ -887,16 +889,20 @@ mod tests {
     #[tokio::test]
     async fn drain_retries_deferred_but_not_held_mail() {
         let f = fixture(2).await;
-        let leased = f.ctx.spool.lease_due(now_ms() + 1, 10).unwrap();
+        let mut leased = f.ctx.spool.lease_due(now_ms() + 1, 10).unwrap();
         assert_eq!(leased.len(), 2);
+        leased.sort_by_key(|l| l.id());
+        let mut leased = leased.into_iter();
+        let first = leased.next().unwrap();
+        assert_eq!(first.id(), f.ids[0]);
         f.ctx
             .spool
-            .defer(f.ids[0], now_ms() + 3_600_000, "nack", true)
+            .defer(first, now_ms() + 3_600_000, "nack", true)
             .await
             .unwrap();
         f.ctx
             .spool
-            .hold(f.ids[1], HoldReason::TooManyAttempts, None)
+            .hold(leased.next().unwrap(), HoldReason::TooManyAttempts, None)
             .await
             .unwrap();
         assert_eq!(drain_retry(&f.ctx).await, 1);
