@@ -213,6 +213,25 @@ pub async fn consume(
     got
 }
 
+/// Gets (and acks) messages from `queue` until every id in `acked` arrived at least once or
+/// `deadline` passed; returns every delivery (duplicates included).
+pub async fn consume_until_all(
+    ch: &Channel,
+    queue: &str,
+    acked: &std::collections::HashSet<String>,
+    deadline: Duration,
+) -> Vec<lapin::message::Delivery> {
+    let end = Instant::now() + deadline;
+    let mut got = Vec::new();
+    loop {
+        got.extend(consume(ch, queue, usize::MAX, Duration::from_millis(500)).await);
+        let ids = tally(&got);
+        if acked.iter().all(|id| ids.contains_key(id)) || Instant::now() > end {
+            return got;
+        }
+    }
+}
+
 /// Counts AMQP message ids: (distinct, duplicates as (id, count)).
 pub fn tally(deliveries: &[lapin::message::Delivery]) -> HashMap<String, usize> {
     let mut seen = HashMap::new();

@@ -5,6 +5,8 @@
 //! `cargo test --workspace` builds; `LSMTPD_BIN` overrides the path.
 
 pub mod amqp;
+pub mod cluster;
+pub mod load;
 pub mod tls;
 
 use std::io::{BufRead, BufReader};
@@ -52,12 +54,12 @@ pub fn workspace_bin(name: &str) -> PathBuf {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().unwrap_or_default();
-    // target/debug/deps/<test>-<hash> -> target/debug/<name>
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
+    // A test: target/debug/deps/<test>-<hash> -> target/debug/<name>; a tool of this crate
+    // (lsmtp-qq-failover): target/release/<tool> -> target/release/<name>.
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.pop();
+    }
     let path = dir.join(name);
     assert!(
         path.exists(),
@@ -80,9 +82,15 @@ impl Lsmtpd {
     /// Starts the daemon with `config` (RON) written to `dir/lsmtpd.ron`, and returns once it
     /// logged its listening address (read from its stderr: no sleeping, no port guessing).
     pub fn start(dir: &Path, config: &str, env: &[(&str, &str)]) -> Result<Lsmtpd> {
+        Lsmtpd::start_bin(&workspace_bin("lsmtpd"), dir, config, env)
+    }
+
+    /// [`Lsmtpd::start`] with the daemon binary `bin` (e.g. an older build, for a before/after
+    /// comparison).
+    pub fn start_bin(bin: &Path, dir: &Path, config: &str, env: &[(&str, &str)]) -> Result<Lsmtpd> {
         let config_path = dir.join("lsmtpd.ron");
         std::fs::write(&config_path, config)?;
-        let mut cmd = Command::new(workspace_bin("lsmtpd"));
+        let mut cmd = Command::new(bin);
         cmd.arg("--config")
             .arg(&config_path)
             .env("RUST_LOG", "info")
@@ -100,7 +108,7 @@ impl Lsmtpd {
         }
         let mut child = cmd
             .spawn()
-            .with_context(|| format!("cannot start {}", workspace_bin("lsmtpd").display()))?;
+            .with_context(|| format!("cannot start {}", bin.display()))?;
         let stderr = child.stderr.take().context("no stderr")?;
         let log = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel::<Option<SocketAddr>>();

@@ -159,7 +159,9 @@ fn every_250_survives_sigkill_byte_exact() {
 #[test]
 fn memory_budget_refuses_what_does_not_fit_with_452() {
     let dir = tempfile::tempdir().unwrap();
-    let extra = "max_message_bytes: 1048576, memory_budget_bytes: 1048576,";
+    // The old key (it now sizes the whole-daemon budget); the least it may be: a body is
+    // charged twice (buffer and the spool's copy), so A's 700 kB take about 1.4 MB of 2.1 MB.
+    let extra = "max_message_bytes: 1048576, memory_budget_bytes: 2162688,";
     let d = Lsmtpd::start(dir.path(), &test_config(dir.path(), extra, None), &[]).unwrap();
     let addr = d.addr;
     block_on(async move {

@@ -3,11 +3,16 @@
 //! scraping real lsmtpd daemons: every dashboard query and every alert expression must return
 //! data, so a misspelt metric name or label fails here.
 //!
-//! Two daemons and one dead target are scraped every second:
+//! Three daemons and one dead target are scraped every second:
 //! - "traffic": connected to the real RabbitMQ; mail flows, so rates and latency histograms fill;
-//! - "trouble": its broker unreachable, its spool seeded with a two-hour-old message and a held
-//!   one that together fill 98 % of a tiny `spool.max_bytes`, and `min_free_disk_bytes` set above
-//!   half the free space: every alert but one fires on it;
+//! - "trouble": the broker refuses it (a vhost that does not exist: a topology error, no
+//!   connection), its spool seeded with a two-hour-old message and a held one that together fill
+//!   98 % of a tiny `spool.max_bytes`, and `min_free_disk_bytes` set above half the free space:
+//!   most alerts fire on it;
+//! - "nacking": publishes into a queue that takes nothing (`x-max-length: 0`, `reject-publish`),
+//!   so runs of nacks make it give its connections up (LsmtpdBrokerNackRuns), through two
+//!   "nodes" (two proxies in front of the broker); the test cuts the one it is connected to
+//!   three times, so it fails over three times (LsmtpdBrokerFailovers);
 //! - a port nothing listens on: `up == 0` (LsmtpdDown).
 //!
 //! LsmtpdBrokerBlocked cannot fire here (it needs a resource alarm on the shared broker, which
@@ -21,8 +26,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lapin::types::FieldTable;
-use lsmtp_e2e::amqp::{declare_queue, Vhost};
+use lapin::types::{AMQPValue, FieldTable};
+use lsmtp_e2e::amqp::{declare_queue, Mode, Proxy, Vhost};
 use lsmtp_e2e::*;
 use lsmtpd::spool::{now_ms, MessageId, NewMessage, Spool};
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
@@ -257,8 +262,8 @@ fn df_avail(dir: &Path) -> u64 {
         .expect("df prints the free space")
 }
 
-/// The "trouble" daemon: broker unreachable, spool nearly full of an old and a held message,
-/// little free disk by its own standard.
+/// The "trouble" daemon: the broker refuses it (no such vhost: a topology error), spool nearly
+/// full of an old and a held message, little free disk by its own standard.
 fn start_trouble(dir: &Path, metrics: SocketAddr) -> Lsmtpd {
     let spool_dir = dir.join("spool");
     let seeded = |received_at_ms: u64, len: usize| NewMessage {
@@ -289,7 +294,12 @@ fn start_trouble(dir: &Path, metrics: SocketAddr) -> Lsmtpd {
         spool.hold_manual(held_id).await.unwrap();
     });
     let min_free = df_avail(dir) / 10 * 6;
-    let cfg = test_config(dir, "max_message_bytes: 4096,", None).replace(
+    let amqp = format!(
+        "(nodes: [\"127.0.0.1:5672\"], vhost: \"lsmtpd-test-no-such-vhost-{}\", connect_timeout: \"2s\", \
+         reconnect: (initial: \"100ms\", max: \"500ms\"))",
+        uuid::Uuid::now_v7().simple()
+    );
+    let cfg = test_config(dir, "max_message_bytes: 4096,", Some(&amqp)).replace(
         "min_free_disk_bytes: 0",
         &format!("min_free_disk_bytes: {min_free}, max_bytes: 4096"),
     );
@@ -332,25 +342,90 @@ fn every_dashboard_query_and_alert_expression_returns_data_from_a_real_prometheu
     let trouble_dir = tempfile::tempdir().unwrap();
     let trouble_metrics = free_port();
     let trouble = start_trouble(trouble_dir.path(), trouble_metrics);
+
+    // "nacking": a queue that takes nothing, reached through two proxies to the broker.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let full_vhost = Vhost::new();
+    let (proxy_a, proxy_b) = rt.block_on(async {
+        let (_conn, ch) = full_vhost.admin().await;
+        let mut args = FieldTable::default();
+        args.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
+        args.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("reject-publish".into()),
+        );
+        declare_queue(&ch, "full", args).await;
+        (
+            Proxy::start(Mode::Pass).await,
+            Proxy::start(Mode::Pass).await,
+        )
+    });
+    let nacking_dir = tempfile::tempdir().unwrap();
+    let nacking_metrics = free_port();
+    let amqp = format!(
+        "(nodes: [\"{}\", \"{}\"], vhost: {:?}, routing_key: \"full\", connect_timeout: \"2s\", \
+         reconnect: (initial: \"100ms\", max: \"500ms\"), retry: (initial: \"100ms\", max: \"300ms\"))",
+        proxy_a.node(),
+        proxy_b.node(),
+        full_vhost.name
+    );
+    let cfg = test_config(nacking_dir.path(), "", Some(&amqp));
+    let nacking = Lsmtpd::start(
+        nacking_dir.path(),
+        &with_metrics(&cfg, nacking_metrics),
+        &[],
+    )
+    .unwrap();
+    block_on(send_messages(nacking.addr, 30)).unwrap();
     let dead = free_port();
 
     let rules = repo_file("etc/prometheus/lsmtpd-alerts.yml")
         .canonicalize()
         .unwrap();
-    let prom = Prometheus::start(&[traffic_metrics, trouble_metrics, dead], &rules);
+    let prom = Prometheus::start(
+        &[traffic_metrics, trouble_metrics, nacking_metrics, dead],
+        &rules,
+    );
     let window = format!("[{RATE_INTERVAL}]");
-    prom.wait_until("three targets scraped", Duration::from_secs(60), || {
-        prom.query("count(up{job=\"lsmtpd\"}) == 3")
+    prom.wait_until("four targets scraped", Duration::from_secs(60), || {
+        prom.query("count(up{job=\"lsmtpd\"}) == 4")
             .is_ok_and(|r| !r.is_empty())
     });
     prom.wait_until(
         "a first scrape of both daemons",
         Duration::from_secs(60),
         || {
-            prom.query("count(lsmtpd_build_info) == 2")
+            prom.query("count(lsmtpd_build_info) == 3")
                 .is_ok_and(|r| !r.is_empty())
         },
     );
+    // Three failovers of the nacking daemon after the first scrapes (an increase needs them in
+    // the scraped history): cut the proxy it is connected to until it has moved three times.
+    let nacking_socket = nacking_dir.path().join("lsmtpd.sock");
+    for k in 1..=3u64 {
+        prom.wait_until(
+            "a failover of the nacking daemon",
+            Duration::from_secs(60),
+            || {
+                let Ok(status) = status_json(&nacking_socket) else {
+                    return false;
+                };
+                if status["counters"]["failovers"].as_u64().unwrap_or(0) >= k {
+                    return true;
+                }
+                let node = status["broker"]["connected_node"].as_str().unwrap_or("");
+                for p in [&proxy_a, &proxy_b] {
+                    if p.node() == node {
+                        p.set_mode(Mode::Refuse);
+                        p.cut_all();
+                    }
+                }
+                false
+            },
+        );
+        proxy_a.set_mode(Mode::Pass);
+        proxy_b.set_mode(Mode::Pass);
+    }
     // Mail after the first scrapes, so rates and latencies have something to show.
     block_on(send_messages(traffic.addr, 5)).unwrap();
     prom.wait_until(
@@ -409,6 +484,9 @@ fn every_dashboard_query_and_alert_expression_returns_data_from_a_real_prometheu
         [
             "LsmtpdBrokerBlocked",
             "LsmtpdBrokerDisconnected",
+            "LsmtpdBrokerFailovers",
+            "LsmtpdBrokerNackRuns",
+            "LsmtpdBrokerTopologyError",
             "LsmtpdDown",
             "LsmtpdHeldMessages",
             "LsmtpdOldestMessageTooOld",
@@ -419,6 +497,16 @@ fn every_dashboard_query_and_alert_expression_returns_data_from_a_real_prometheu
         .into_iter()
         .collect()
     );
+    // The nacking daemon needs a few runs of nacks (and so failovers) before its alerts hold:
+    // wait for them (up to 2 minutes); what still has no data then is reported below.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline
+        && !rules.iter().all(|r| {
+            r["name"] == "LsmtpdBrokerBlocked" || prom.has_data(r["query"].as_str().unwrap())
+        })
+    {
+        std::thread::sleep(Duration::from_millis(500));
+    }
     let mut failures = Vec::new();
     for r in &rules {
         let name = r["name"].as_str().unwrap();
@@ -437,18 +525,26 @@ fn every_dashboard_query_and_alert_expression_returns_data_from_a_real_prometheu
                     .iter()
                     .filter_map(|s| s["metric"]["instance"].as_str())
                     .collect();
-                let want = if name == "LsmtpdDown" {
-                    dead.to_string()
-                } else {
-                    trouble_metrics.to_string()
+                let (trouble, nacking, traffic) = (
+                    trouble_metrics.to_string(),
+                    nacking_metrics.to_string(),
+                    traffic_metrics.to_string(),
+                );
+                // The instance it must fire for, and the others it may also fire for.
+                let (want, also) = match name {
+                    "LsmtpdDown" => (dead.to_string(), vec![]),
+                    "LsmtpdBrokerNackRuns" | "LsmtpdBrokerFailovers" => (nacking, vec![]),
+                    // The nacking daemon is between two connections now and then.
+                    "LsmtpdBrokerDisconnected" => (trouble, vec![nacking]),
+                    // The disk alert watches the real file system the other daemons' spools
+                    // are on too: on a host that is itself nearly full it fires there as well.
+                    "LsmtpdSpoolDiskNearlyFull" => (trouble, vec![nacking, traffic]),
+                    _ => (trouble, vec![]),
                 };
-                // The disk alert watches the real file system the traffic daemon's spool is on
-                // too: on a host that is itself nearly full it fires there as well.
-                let ok = if name == "LsmtpdSpoolDiskNearlyFull" {
-                    instances.contains(&want.as_str())
-                } else {
-                    instances == [want.as_str()]
-                };
+                let ok = instances.contains(&want.as_str())
+                    && instances
+                        .iter()
+                        .all(|i| *i == want || also.iter().any(|a| a == i));
                 if !ok {
                     failures.push(format!("{name}: fires for {res:?}, not [{want}]"));
                 }
@@ -461,4 +557,6 @@ fn every_dashboard_query_and_alert_expression_returns_data_from_a_real_prometheu
     drop(prom);
     assert!(traffic.terminate().unwrap().success());
     assert!(trouble.terminate().unwrap().success());
+    assert!(nacking.terminate().unwrap().success());
+    drop((proxy_a, proxy_b));
 }

@@ -8,7 +8,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lsmtp_e2e::amqp::{consume, declare_queue, negotiated_frame_max, tally, Mode, Proxy, Vhost};
+use lsmtp_e2e::amqp::{
+    consume, consume_until_all, declare_queue, negotiated_frame_max, tally, Mode, Proxy, Vhost,
+};
 use lsmtp_e2e::*;
 
 /// Declares the queue as the daemon declares it (durable classic), so a consumer can start
@@ -393,16 +395,7 @@ fn sigkill_while_sending_and_publishing_loses_nothing() {
     let acked = acked.lock().unwrap().clone();
     let got = block_on(async {
         let (_conn, ch) = vhost.admin().await;
-        let mut got = Vec::new();
-        let deadline = std::time::Instant::now() + Duration::from_secs(120);
-        loop {
-            got.extend(consume(&ch, "mail", usize::MAX, Duration::from_millis(500)).await);
-            let ids = tally(&got);
-            if acked.iter().all(|id| ids.contains_key(id)) || std::time::Instant::now() > deadline {
-                break;
-            }
-        }
-        got
+        consume_until_all(&ch, "mail", &acked, Duration::from_secs(120)).await
     });
     let status = d.terminate().unwrap();
     assert!(status.success());

@@ -93,6 +93,11 @@ struct Args {
     /// offers SIZE.
     #[arg(long)]
     mail_size: bool,
+    /// Retry a message that got a 4xx reply (e.g. `452 4.3.1` when the server's memory is
+    /// short) after this long, on the same connection, until it gets another answer, as an MTA
+    /// retries later. Every reply is still counted.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    retry_4xx: Option<Duration>,
 }
 
 #[derive(Default)]
@@ -495,7 +500,21 @@ async fn client(
                 let _ = c.cmd("QUIT").await;
                 return res;
             }
-            match one_message(&mut c, &args, &rcpts, &stuffed).await {
+            let mut sent = one_message(&mut c, &args, &rcpts, &stuffed).await;
+            while let (Some(wait), Ok((code, _, _))) = (args.retry_4xx, &sent) {
+                if !(400..500).contains(code) {
+                    break;
+                }
+                *res.codes.entry(*code).or_default() += 1;
+                tokio::time::sleep(wait).await;
+                // A transaction refused at MAIL or at its end is over; RSET covers the rest.
+                if let Err(e) = c.cmd("RSET").await {
+                    sent = Err(e);
+                    break;
+                }
+                sent = one_message(&mut c, &args, &rcpts, &stuffed).await;
+            }
+            match sent {
                 Ok((code, us, id)) => {
                     *res.codes.entry(code).or_default() += 1;
                     res.ids.extend(id);

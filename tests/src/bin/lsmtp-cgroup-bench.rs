@@ -45,7 +45,8 @@ struct Args {
     /// The lsmtp-bench binary (default: next to this program).
     #[arg(long)]
     bench: Option<PathBuf>,
-    /// Scenarios to run, comma-separated: big8m, big1m, idle500, conn1000, backlog.
+    /// Scenarios to run, comma-separated: big8m, big1m, idle500, conn1000, backlog, and
+    /// big8m-retry, big1m-retry (the client retries a 4xx reply after 1 s, as an MTA would).
     #[arg(
         long,
         value_delimiter = ',',
@@ -131,6 +132,30 @@ fn scenarios(args: &Args) -> Result<Vec<Scenario>> {
                 target_mib: 100.0,
                 backlog: false,
             },
+            "big8m-retry" => Scenario {
+                name: "big8m-retry",
+                what: "20 clients x 8 MB, 60 in all, SIZE= declared, a 4xx reply retried after 1 s \
+                       (as an MTA retries later) until all 60 got 250"
+                    .into(),
+                bench_args: s(&[
+                    "-c", "20", "-m", "60", "-s", "8000000", "-k", "1", "--mail-size",
+                    "--retry-4xx", "1s",
+                ]),
+                target_mib: 100.0,
+                backlog: false,
+            },
+            "big1m-retry" => Scenario {
+                name: "big1m-retry",
+                what: "100 clients x 1 MB, 300 in all, SIZE= declared, a 4xx reply retried after \
+                       1 s until all 300 got 250"
+                    .into(),
+                bench_args: s(&[
+                    "-c", "100", "-m", "300", "-s", "1000000", "-k", "1", "--mail-size",
+                    "--retry-4xx", "1s",
+                ]),
+                target_mib: 100.0,
+                backlog: false,
+            },
             "idle500" => Scenario {
                 name: "idle500",
                 what: format!(
@@ -173,7 +198,10 @@ fn scenarios(args: &Args) -> Result<Vec<Scenario>> {
                 target_mib: 64.0,
                 backlog: true,
             },
-            other => bail!("unknown scenario {other:?} (big8m, big1m, idle500, conn1000, backlog)"),
+            other => bail!(
+                "unknown scenario {other:?} (big8m, big1m, big8m-retry, big1m-retry, idle500, \
+                 conn1000, backlog)"
+            ),
         });
     }
     Ok(out)
