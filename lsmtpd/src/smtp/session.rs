@@ -84,7 +84,8 @@ enum Input {
 
 /// The session: owns the connection and its buffers.
 pub struct Session<S> {
-    /// Connection-limit slots; declared first so they are released before the socket closes.
+    /// Connection-limit slots, released by [`Session::run`] before it closes the socket (and
+    /// declared first, so a session dropped without `run` releases them before the socket too).
     slots: Option<Box<dyn Send>>,
     stream: MaybeTls<S>,
     /// Implicit TLS (RFC 8314): the handshake runs before the greeting.
@@ -159,6 +160,9 @@ where
     /// Runs the session to its end: QUIT, the client closing, a timeout, or shutdown.
     pub async fn run(mut self) -> Result<(), SessionError> {
         let served = self.serve().await;
+        // The connection-limit slots go before the client can see our close: a client that
+        // reconnects the moment it sees it must not find its own old session still counted.
+        drop(self.slots.take());
         if served.is_ok() {
             // Over TLS this sends close_notify, so the client can tell our close from a cut.
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.stream.shutdown()).await;
