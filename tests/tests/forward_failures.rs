@@ -2,6 +2,7 @@
 //! reject-publish) and outright refusals (over the broker's max_message_size).
 #![allow(clippy::unwrap_used)]
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, ExchangeKind};
 use lsmtp_e2e::amqp::*;
-use lsmtpd::config::amqp::PayloadFormat;
+use lsmtpd::config::amqp::{PayloadFormat, RouteRule};
 use lsmtpd::forward::Forwarder;
 use lsmtpd::spool::{HoldReason, State};
 use tokio_util::sync::CancellationToken;
@@ -239,4 +240,118 @@ fn broker_max_message_size() -> usize {
         .trim_end_matches('}')
         .parse()
         .unwrap_or(usize::MAX)
+}
+
+/// Returns among confirms, against the real broker and lapin: first one message at a time (each
+/// ack is the only confirm on the channel, so it is trusted without a round trip), then a batch
+/// (acks arrive while others are outstanding, so they wait for a barrier). A returned message is
+/// never taken for delivered in either case, and every routable one is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn returns_among_confirms_are_never_taken_for_deliveries_alone_or_in_a_batch() {
+    let vhost = Vhost::new();
+    let (_conn, ch) = vhost.admin().await;
+    ch.exchange_declare(
+        "mail".into(),
+        ExchangeKind::Direct,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    declare_queue(&ch, "inbox", FieldTable::default()).await;
+    ch.queue_bind(
+        "inbox".into(),
+        "mail".into(),
+        "in".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let mut cfg = vhost.config(BROKER);
+    cfg.exchange = "mail".into();
+    cfg.routing_key = "in".into();
+    cfg.topology.declare = false;
+    // Nothing is bound with "nowhere": mail for lost.example comes back.
+    cfg.routes = vec![RouteRule {
+        recipients: vec!["lost.example".into()],
+        exchange: "mail".into(),
+        routing_key: "nowhere".into(),
+    }];
+    cfg.retry.initial = Duration::from_secs(3600);
+    cfg.retry.max = Duration::from_secs(3600);
+    let spool = spool();
+    let token = CancellationToken::new();
+    let handle = Forwarder::spawn(Arc::new(cfg), spool.clone(), token.clone());
+
+    let mut routed = HashSet::new();
+    let mut lost = Vec::new();
+    let mut sort = |i: usize| {
+        let returned = i % 3 == 1;
+        let m = message(
+            i,
+            &[if returned {
+                "r@lost.example"
+            } else {
+                "r@ok.example"
+            }],
+        );
+        if returned {
+            lost.push(m.id);
+        } else {
+            routed.insert(m.id.to_string());
+        }
+        m
+    };
+    // One at a time: each settles (delivered and removed, or returned and deferred) before the
+    // next is accepted.
+    for i in 0..30 {
+        let m = sort(i);
+        let id = m.id;
+        spool.accept(m).await.unwrap();
+        let settled = || match record(&spool, id) {
+            None => true,
+            Some(r) => matches!(r.state, State::Deferred { .. }),
+        };
+        assert!(wait_for(Duration::from_secs(10), settled).await, "{id}");
+    }
+    // A batch.
+    for i in 30..230 {
+        spool.accept(sort(i)).await.unwrap();
+    }
+    let only_the_returned_are_left = || {
+        let list = spool.list().unwrap();
+        list.len() == lost.len()
+            && list
+                .iter()
+                .all(|(r, leased)| !leased && matches!(r.state, State::Deferred { .. }))
+    };
+    assert!(
+        wait_for(Duration::from_secs(30), only_the_returned_are_left).await,
+        "{} left, {} returned",
+        spool.list().unwrap().len(),
+        lost.len()
+    );
+    for id in &lost {
+        let r = record(&spool, *id).unwrap();
+        assert_eq!(r.attempts, 1, "{r:?}");
+        let err = r.last_error.unwrap_or_default();
+        assert!(err.contains("312 NO_ROUTE"), "{err}");
+    }
+    let got = consume_until_all(&ch, "inbox", &routed, Duration::from_secs(20)).await;
+    let delivered: HashSet<String> = tally(&got).into_keys().collect();
+    assert_eq!(
+        delivered, routed,
+        "exactly the routable messages are in the queue"
+    );
+    let s = handle.status();
+    assert_eq!(
+        (s.confirmed, s.returned),
+        (routed.len() as u64, lost.len() as u64)
+    );
+    token.cancel();
+    handle.join(Duration::from_secs(5)).await;
 }

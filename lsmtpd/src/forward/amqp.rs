@@ -11,7 +11,10 @@
 //! - With confirms on, a returned (mandatory, unroutable) message is handed to *whichever* confirm
 //!   lapin resolves next (`Confirmation::Ack(Some(returned))`), and a multiple-ack resolves its
 //!   confirms in hash order. So a return is attributed by the `message_id` property and the
-//!   `x-lsmtpd-target` header it carries, never by the confirm it arrived on.
+//!   `x-lsmtpd-target` header it carries, never by the confirm it arrived on. The broker sends
+//!   the return before the ack of its publish, and lapin reads frames in order, so the return
+//!   rides on a confirm that the same ack frame resolves: once every confirm of the channel has
+//!   been seen, so has every return (else [`barrier`] makes sure).
 //! - `basic_publish(..).await` resolves when the frames are queued for the socket; lapin stops
 //!   writing while the broker has the connection blocked.
 //! - lapin's I/O loop allocates a zeroed send and receive buffer of 32 frames each

@@ -10,8 +10,9 @@
 //! - A message is [`Decision::Complete`] only when every one of its copies was acked and none
 //!   of them was returned.
 //! - A return is matched to its publish by the identity it carries ([`super::publisher::CopyId`]),
-//!   never by the confirm it arrived with; an ack is trusted only after a barrier (see
-//!   [`Core::needs_barrier`]), after which every earlier return is known.
+//!   never by the confirm it arrived with; an ack is trusted only once every earlier return is
+//!   known: when no other publish on the channel is still unsettled, or after a barrier (see
+//!   [`Core::needs_barrier`]).
 //! - A return or a refusal counts one attempt ([`retry_decision`]); after
 //!   `retry.max_attempts` or `retry.max_age` the message is held, never deleted.
 //! - A nack counts one attempt only once a later publish on the same connection is confirmed
@@ -276,14 +277,21 @@ impl Core {
     }
 
     /// Whether `batch` holds an ack that may only be trusted after a barrier: an ack is final
-    /// only once every return sent before it is known. Not needed when the batch also holds a
-    /// failure (the whole window is decided by the failure then).
-    pub fn needs_barrier(batch: &[Settled]) -> bool {
+    /// only once every return sent before it is known. `still_unsettled` is the number of
+    /// publishes on the channel whose confirm has not been seen yet (after `batch` was drained).
+    ///
+    /// Not needed when the batch also holds a failure (the whole window is decided by the
+    /// failure then), nor when nothing else is unsettled: the broker sends a return before the
+    /// ack of its publish, and the client hands it to a confirm resolved by that same ack frame
+    /// (see `forward/amqp.rs`), so once every confirm of the channel has been seen, every return
+    /// has been seen with them. With one message in flight at a time (a lone sender) that saves
+    /// a round trip per message: about 180 µs of our CPU and 100 µs of RabbitMQ's (BENCHMARKS).
+    pub fn needs_barrier(batch: &[Settled], still_unsettled: usize) -> bool {
         let tentative = batch.iter().any(|s| s.confirm == Confirm::Ack);
         let failed = batch
             .iter()
             .any(|s| matches!(s.confirm, Confirm::Failed(_)));
-        tentative && !failed
+        tentative && !failed && still_unsettled > 0
     }
 
     /// Applies a batch of confirms (after the barrier, if [`Core::needs_barrier`]).

@@ -194,8 +194,14 @@ impl MemoryBroker {
 
     /// Applies the rule to every unsettled publish, in order.
     pub fn settle_all(&self) {
+        self.settle_first(usize::MAX);
+    }
+
+    /// Applies the rule to the first `n` unsettled publishes, in order.
+    pub fn settle_first(&self, n: usize) {
         let mut s = self.lock();
-        let unsettled = std::mem::take(&mut s.unsettled);
+        let n = n.min(s.unsettled.len());
+        let unsettled: Vec<_> = s.unsettled.drain(..n).collect();
         for (p, script) in unsettled {
             if !s.channel_open {
                 break;

@@ -38,8 +38,9 @@
 //!   it is; only what the configuration allows is declared, and only when missing
 //!   ([`crate::config::amqp::AmqpConfig::topology_plan`]).
 //! - **Returns are attributed by identity**, not by the confirm lapin attaches them to (see
-//!   [`amqp`]): before trusting an ack, the forwarder makes one round trip on the channel
-//!   ([`Publisher::barrier`]), after which every return the broker sent earlier is known.
+//!   [`amqp`]). An ack is trusted once every return the broker sent before it is known: at once
+//!   when every confirm of the channel has been seen (a return rides on a confirm of the same
+//!   ack frame), else after one round trip on the channel ([`Publisher::barrier`]).
 //! - **A poison message is found, not guessed.** When the broker closes the channel (e.g. a body
 //!   over its `max_message_size`), every message in the window is suspect. If only one message
 //!   was in flight it is the culprit: held `Refused` for a size refusal, otherwise deferred with
@@ -812,7 +813,7 @@ impl<P: Publisher> Shell<P> {
         let mut batch = vec![first];
         self.drain_ready(&mut batch);
         let mut barrier_failure = None;
-        if Core::needs_barrier(&batch) {
+        if Core::needs_barrier(&batch, self.publisher.unsettled()) {
             // After the round trip every return sent before these acks is in hand.
             if let Err(f) = self.publisher.barrier().await {
                 barrier_failure = Some(f);

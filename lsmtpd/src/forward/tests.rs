@@ -155,10 +155,62 @@ async fn every_message_is_delivered_once_and_leaves_the_spool() {
     assert!(eventually(|| rig.status().confirmed == 40).await);
     let s = rig.status();
     assert_eq!((s.published, s.confirmed, s.failed_attempts), (40, 40, 0));
+    rig.stop().await;
+}
+
+#[tokio::test]
+async fn an_ack_is_trusted_only_after_a_barrier_while_other_publishes_are_unsettled() {
+    let mut rig = Rig::new();
+    rig.broker.set_auto_settle(false);
+    let ids = rig.accept(3, "window").await;
+    rig.start(config());
+    assert!(rig.broker.wait_until(LIMIT, |b| b.unsettled() == 3).await);
+    // The first is acked while two are still out: a later ack frame may carry its return.
+    rig.broker.settle_first(1);
+    assert!(rig.broker.wait_until(LIMIT, |b| b.barriers() == 1).await);
+    assert!(eventually(|| rig.records().len() == 2).await);
+    rig.broker.set_auto_settle(true);
+    rig.broker.settle_all();
+    assert!(eventually(|| rig.records().is_empty()).await);
+    assert_eq!(delivered_ids(&rig.broker), sorted(ids));
+    rig.stop().await;
+}
+
+#[tokio::test]
+async fn a_lone_sender_costs_no_barrier_and_its_return_is_still_seen() {
+    let mut rig = Rig::new();
+    rig.broker.set_rule(|p| {
+        if p.body.windows(8).any(|w| w == b"nowhere ") {
+            Script::Return
+        } else {
+            Script::Ack
+        }
+    });
+    let mut cfg = config();
+    cfg.retry.initial = Duration::from_secs(3600);
+    cfg.retry.max = Duration::from_secs(3600);
+    rig.start(cfg);
+    // One message at a time, each confirmed before the next arrives: every confirm of the
+    // channel is in hand when an ack is seen, so no round trip is needed.
+    for (n, tag) in ["first", "nowhere", "third"].into_iter().enumerate() {
+        rig.accept(1, tag).await;
+        assert!(
+            eventually(|| rig.status().confirmed + rig.status().returned == n as u64 + 1).await,
+            "{:?}",
+            rig.status()
+        );
+    }
+    assert_eq!(rig.broker.barriers(), 0);
     assert!(
-        rig.broker.barriers() >= 1,
-        "acks are trusted only after a barrier"
+        eventually(
+            || rig.records().len() == 1 && matches!(rig.records()[0].state, State::Deferred { .. })
+        )
+        .await,
+        "{:?}",
+        rig.records()
     );
+    assert_eq!(rig.records()[0].attempts, 1);
+    assert_eq!(rig.broker.delivered().len(), 2);
     rig.stop().await;
 }
 

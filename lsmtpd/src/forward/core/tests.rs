@@ -300,12 +300,15 @@ fn a_foreign_return_is_ignored() {
 }
 
 #[test]
-fn acks_need_a_barrier_unless_the_batch_failed() {
+fn acks_need_a_barrier_while_other_publishes_are_unsettled_unless_the_batch_failed() {
     let f = topology();
-    assert!(Core::needs_barrier(&[ack(1, 0)]));
-    assert!(Core::needs_barrier(&[nack(2, 0), ack(1, 0)]));
-    assert!(!Core::needs_barrier(&[nack(1, 0)]));
-    assert!(!Core::needs_barrier(&[ack(1, 0), failed(2, &f)]));
+    assert!(Core::needs_barrier(&[ack(1, 0)], 1));
+    assert!(Core::needs_barrier(&[nack(2, 0), ack(1, 0)], 3));
+    assert!(!Core::needs_barrier(&[nack(1, 0)], 1));
+    assert!(!Core::needs_barrier(&[ack(1, 0), failed(2, &f)], 1));
+    // Every confirm of the channel is in hand, so every return is too.
+    assert!(!Core::needs_barrier(&[ack(1, 0)], 0));
+    assert!(!Core::needs_barrier(&[nack(2, 0), ack(1, 0)], 0));
 }
 
 #[test]
