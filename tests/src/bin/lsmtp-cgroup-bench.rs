@@ -90,6 +90,9 @@ struct Args {
     /// Settings spliced into the `amqp:` section, e.g. "max_in_flight: 4,".
     #[arg(long, default_value = "")]
     amqp_settings: String,
+    /// Settings spliced into the `spool:` section, e.g. "handoff_bytes: 0,".
+    #[arg(long, default_value = "")]
+    spool_settings: String,
     /// Give up on a load (and stop lsmtp-bench) after this long.
     #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
     load_timeout: Duration,
@@ -300,12 +303,13 @@ async fn main() -> Result<()> {
         }
     }
     println!(
-        "lsmtpd {} in a {:.0} MiB memory cgroup, cpuset {}; settings beyond the defaults: smtp ({}) amqp ({}); load average at the end: {}",
+        "lsmtpd {} in a {:.0} MiB memory cgroup, cpuset {}; settings beyond the defaults: smtp ({}) amqp ({}) spool ({}); load average at the end: {}",
         lsmtpd.display(),
         args.memory_limit as f64 / MIB,
         args.cpus,
         args.smtp,
         args.amqp_settings,
+        args.spool_settings,
         std::fs::read_to_string("/proc/loadavg")
             .unwrap_or_default()
             .split_whitespace()
@@ -321,6 +325,7 @@ async fn main() -> Result<()> {
         "config_differs_from_defaults": "smtp.listen 127.0.0.1:0, spool.dir, admin.socket, amqp.vhost, amqp.routing_key; backlog: amqp.nodes = a refusing-then-forwarding proxy",
         "smtp_settings": args.smtp,
         "amqp_settings": args.amqp_settings,
+        "spool_settings": args.spool_settings,
         "results": all,
     });
     if let Some(path) = &args.json {
@@ -764,12 +769,13 @@ async fn run(args: &Args, lsmtpd: &Path, bench: &Path, sc: &Scenario) -> Result<
         .map(|p| format!("nodes: [{:?}], ", p.node()))
         .unwrap_or_default();
     let config = format!(
-        "// The default configuration; only what isolates this run differs (and --smtp, \n// --amqp-settings if given).\n(\n    smtp: (listen: [\"127.0.0.1:0\"], {smtp}),\n    spool: (dir: {spool:?}),\n    amqp: ({nodes}vhost: {vhost:?}, routing_key: {queue:?}, {amqp}),\n    admin: (socket: {sock:?}),\n)\n",
+        "// The default configuration; only what isolates this run differs (and --smtp, \n// --amqp-settings, --spool-settings if given).\n(\n    smtp: (listen: [\"127.0.0.1:0\"], {smtp}),\n    spool: (dir: {spool:?}, {spool_settings}),\n    amqp: ({nodes}vhost: {vhost:?}, routing_key: {queue:?}, {amqp}),\n    admin: (socket: {sock:?}),\n)\n",
         spool = scratch.dir.join("spool").display().to_string(),
         sock = scratch.dir.join("lsmtpd.sock").display().to_string(),
         vhost = vhost.0,
         smtp = args.smtp,
         amqp = args.amqp_settings,
+        spool_settings = args.spool_settings,
     );
     let config_path = scratch.dir.join("lsmtpd.ron");
     std::fs::write(&config_path, &config)?;
