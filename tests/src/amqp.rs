@@ -178,6 +178,34 @@ impl Drop for Vhost {
     }
 }
 
+/// Declares the durable exchange `name` of `kind`.
+pub async fn declare_exchange(ch: &Channel, name: &str, kind: lapin::ExchangeKind) {
+    ch.exchange_declare(
+        name.into(),
+        kind,
+        lapin::options::ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+}
+
+/// Binds `queue` to `exchange` with the routing key `key`.
+pub async fn bind_queue(ch: &Channel, queue: &str, exchange: &str, key: &str) {
+    ch.queue_bind(
+        queue.into(),
+        exchange.into(),
+        key.into(),
+        lapin::options::QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+}
+
 pub async fn declare_queue(ch: &Channel, name: &str, args: FieldTable) {
     ch.queue_declare(
         name.into(),

@@ -11,10 +11,10 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions};
+use lapin::options::QueueBindOptions;
 use lapin::types::FieldTable;
 use lapin::ExchangeKind;
-use lsmtp_e2e::amqp::{consume, declare_queue, tally, Mode, Proxy, Vhost};
+use lsmtp_e2e::amqp::{consume, declare_exchange, declare_queue, tally, Mode, Proxy, Vhost};
 use lsmtp_e2e::*;
 use serde_json::Value;
 
@@ -175,17 +175,7 @@ fn retry_sends_a_message_held_after_failure_once_its_cause_is_fixed() {
     let vhost = Vhost::new();
     let (_conn, ch) = rt.block_on(vhost.admin());
     rt.block_on(async {
-        ch.exchange_declare(
-            "x".into(),
-            ExchangeKind::Direct,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+        declare_exchange(&ch, "x", ExchangeKind::Direct).await;
         declare_queue(&ch, "mail", FieldTable::default()).await;
     });
     let dir = tempfile::tempdir().unwrap();

@@ -7,9 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, ExchangeKind};
 use lsmtp_e2e::amqp::*;
@@ -22,17 +20,7 @@ use tokio_util::sync::CancellationToken;
 async fn unroutable_message_is_deferred_then_delivered_after_binding_and_retry() {
     let vhost = Vhost::new();
     let (_conn, ch) = vhost.admin().await;
-    ch.exchange_declare(
-        "mail".into(),
-        ExchangeKind::Direct,
-        ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    declare_exchange(&ch, "mail", ExchangeKind::Direct).await;
     let mut cfg = vhost.config(BROKER);
     cfg.exchange = "mail".into();
     cfg.routing_key = "in".into();
@@ -66,15 +54,7 @@ async fn unroutable_message_is_deferred_then_delivered_after_binding_and_retry()
     assert_eq!(spool.list().unwrap().len(), 20);
 
     declare_queue(&ch, "inbox", FieldTable::default()).await;
-    ch.queue_bind(
-        "inbox".into(),
-        "mail".into(),
-        "in".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    bind_queue(&ch, "inbox", "mail", "in").await;
     for id in &ids {
         spool.retry(*id).await.unwrap();
     }
@@ -250,27 +230,9 @@ fn broker_max_message_size() -> usize {
 async fn returns_among_confirms_are_never_taken_for_deliveries_alone_or_in_a_batch() {
     let vhost = Vhost::new();
     let (_conn, ch) = vhost.admin().await;
-    ch.exchange_declare(
-        "mail".into(),
-        ExchangeKind::Direct,
-        ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    declare_exchange(&ch, "mail", ExchangeKind::Direct).await;
     declare_queue(&ch, "inbox", FieldTable::default()).await;
-    ch.queue_bind(
-        "inbox".into(),
-        "mail".into(),
-        "in".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    bind_queue(&ch, "inbox", "mail", "in").await;
     let mut cfg = vhost.config(BROKER);
     cfg.exchange = "mail".into();
     cfg.routing_key = "in".into();

@@ -9,10 +9,13 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lapin::options::{ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions};
+use lapin::options::ExchangeDeleteOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, ExchangeKind};
-use lsmtp_e2e::amqp::{self as broker, consume, declare_queue, listing, tally, User, Vhost};
+use lsmtp_e2e::amqp::{
+    self as broker, bind_queue, consume, declare_exchange, declare_queue, listing, tally, User,
+    Vhost,
+};
 use lsmtp_e2e::*;
 use lsmtpd::forward::Forwarder;
 use serde_json::Value;
@@ -30,27 +33,9 @@ fn runtime() -> tokio::runtime::Runtime {
 /// bound to it with `#` (topic) or "" (others).
 async fn operator_topology(ch: &Channel, kind: ExchangeKind) {
     let key = if kind == ExchangeKind::Topic { "#" } else { "" };
-    ch.exchange_declare(
-        "events".into(),
-        kind,
-        ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    declare_exchange(ch, "events", kind).await;
     declare_queue(ch, "inbox", FieldTable::default()).await;
-    ch.queue_bind(
-        "inbox".into(),
-        "events".into(),
-        key.into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    bind_queue(ch, "inbox", "events", key).await;
 }
 
 /// Queues, exchanges and bindings of the vhost, to compare before and after.

@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
-use super::memory::{MemoryBroker, Script};
+use super::memory::{MemoryBroker, Published, Script};
 use super::publisher::Failure;
 use super::*;
 use crate::config::SpoolConfig;
@@ -132,6 +132,15 @@ fn sorted(mut v: Vec<MessageId>) -> Vec<MessageId> {
     v
 }
 
+/// The broker's rule for mail tagged "nowhere": returned as unroutable; the rest acked.
+fn returns_nowhere(p: &Published) -> Script {
+    if p.body.windows(8).any(|w| w == b"nowhere ") {
+        Script::Return
+    } else {
+        Script::Ack
+    }
+}
+
 fn exchange_missing() -> Failure {
     Failure::Topology {
         code: 404,
@@ -179,13 +188,7 @@ async fn an_ack_is_trusted_only_after_a_barrier_while_other_publishes_are_unsett
 #[tokio::test]
 async fn a_lone_sender_costs_no_barrier_and_its_return_is_still_seen() {
     let mut rig = Rig::new();
-    rig.broker.set_rule(|p| {
-        if p.body.windows(8).any(|w| w == b"nowhere ") {
-            Script::Return
-        } else {
-            Script::Ack
-        }
-    });
+    rig.broker.set_rule(returns_nowhere);
     let mut cfg = config();
     cfg.retry.initial = Duration::from_secs(3600);
     cfg.retry.max = Duration::from_secs(3600);
@@ -498,13 +501,7 @@ async fn a_poison_message_in_a_full_window_is_found_and_only_it_is_held() {
 #[tokio::test]
 async fn a_returned_message_is_deferred_with_one_attempt_and_the_others_delivered() {
     let mut rig = Rig::new();
-    rig.broker.set_rule(|p| {
-        if p.body.windows(8).any(|w| w == b"nowhere ") {
-            Script::Return
-        } else {
-            Script::Ack
-        }
-    });
+    rig.broker.set_rule(returns_nowhere);
     let ok = rig.accept(5, "routed").await;
     let lost = rig.accept(1, "nowhere").await;
     let mut cfg = config();
