@@ -24,7 +24,8 @@ use crate::budget::{Budget, Charge, SPOOL_WRITE_COPIES};
 pub const CHUNK: usize = 32 * 1024;
 /// Room added to a declared size for what it may not count (our header's length varies).
 pub const SLACK: usize = 1024;
-/// A finished one-chunk body with more unused capacity than this is shrunk to its length.
+/// A finished one-chunk body with more unused capacity than this is copied into a buffer of its
+/// length ([`trimmed`]).
 const SHRINK_OVER: usize = 4096;
 /// The DATA reader writes at most this many bytes per input byte (a normalised bare CR before
 /// a byte: CR LF and the byte) plus a CR held from the previous input.
