@@ -95,6 +95,31 @@ pub struct Record {
     pub body_chunks: u32,
 }
 
+impl Record {
+    /// The record of a message just accepted: queued and due at `due_ms`, no attempts, its body
+    /// counted in chunks of [`super::CHUNK_BYTES`]; the body is handed back beside it. `None`
+    /// when the body needs more chunks than a record can count.
+    pub fn accepted(msg: super::NewMessage, due_ms: u64) -> Option<(Record, bytes::Bytes)> {
+        let body_chunks = u32::try_from(msg.body.len().div_ceil(super::CHUNK_BYTES)).ok()?;
+        let record = Record {
+            id: msg.id,
+            received_at_ms: msg.received_at_ms,
+            client_ip: msg.client_ip,
+            helo: msg.helo,
+            tls: msg.tls,
+            auth_user: msg.auth_user,
+            mail_from: msg.mail_from,
+            rcpt_to: msg.rcpt_to,
+            size: msg.body.len() as u64,
+            state: State::Queued { due_ms },
+            attempts: 0,
+            last_error: None,
+            body_chunks,
+        };
+        Some((record, msg.body))
+    }
+}
+
 /// Why a `meta` value could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DecodeError(pub String);

@@ -30,7 +30,7 @@ use super::record::{self, HoldReason, Record, State};
 use super::state::{admin_transition, forwarder_transition, AdminVerb, ForwarderOp, Outcome};
 use super::sweep::Sweep;
 use super::writes::{self, accept_plan, remove_plan, rewrite_plan, Step};
-use super::{now_ms, MessageId, NewMessage, SpoolError, SpoolStats, CHUNK_BYTES};
+use super::{now_ms, MessageId, NewMessage, SpoolError, SpoolStats};
 use crate::config::SpoolConfig;
 
 /// The free-space figure is refreshed (one `statvfs`) when it is older than this…
@@ -191,28 +191,13 @@ impl Spool {
         let size = msg.body.len() as u64;
         self.check_writable()?;
         self.check_capacity(size)?;
-        let body_chunks = u32::try_from(msg.body.len().div_ceil(CHUNK_BYTES)).map_err(|_| {
+        let id = msg.id;
+        let (record, body) = Record::accepted(msg, now_ms()).ok_or_else(|| {
             SpoolError::Io(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 "message body too large",
             ))
         })?;
-        let id = msg.id;
-        let record = Record {
-            id,
-            received_at_ms: msg.received_at_ms,
-            client_ip: msg.client_ip,
-            helo: msg.helo,
-            tls: msg.tls,
-            auth_user: msg.auth_user,
-            mail_from: msg.mail_from,
-            rcpt_to: msg.rcpt_to,
-            size,
-            state: State::Queued { due_ms: now_ms() },
-            attempts: 0,
-            last_error: None,
-            body_chunks,
-        };
         let conflict = || SpoolError::Conflict {
             id,
             state: "spooled",
@@ -226,7 +211,7 @@ impl Spool {
             Err(e) => Err(self.storage_error(e.into())),
             Ok(false) => {
                 let encoded = record::encode(&record);
-                self.run(&accept_plan(id, &encoded, &msg.body))
+                self.run(&accept_plan(id, &encoded, &body))
                     .map_err(|s| self.storage_error(s.error.into()))
             }
         };
@@ -234,7 +219,7 @@ impl Spool {
             self.index().end(id);
             return Err(e);
         }
-        self.index().accepted(record, msg.body);
+        self.index().accepted(record, body);
         self.note_written(size);
         self.durable().await?;
         tracing::debug!(msg_id = %id, size, "message_spooled");

@@ -24,22 +24,11 @@ fn crash_after(dir: &Path, steps: &[Step<'_>]) {
     let _ = std::fs::remove_file(dir.join(CLEAN_MARKER));
 }
 
+/// The record `Spool::accept` writes for `m`, in `state`.
 fn record_of(m: &NewMessage, state: State) -> Record {
-    Record {
-        id: m.id,
-        received_at_ms: m.received_at_ms,
-        client_ip: m.client_ip,
-        helo: m.helo.clone(),
-        tls: m.tls,
-        auth_user: m.auth_user.clone(),
-        mail_from: m.mail_from.clone(),
-        rcpt_to: m.rcpt_to.clone(),
-        size: m.body.len() as u64,
-        state,
-        attempts: 0,
-        last_error: None,
-        body_chunks: m.body.len().div_ceil(CHUNK_BYTES) as u32,
-    }
+    let (mut record, _) = Record::accepted(m.clone(), 0).unwrap();
+    record.state = state;
+    record
 }
 
 /// Reopens after a crash, lets the sweep finish, and checks the invariants every crash must
