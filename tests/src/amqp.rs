@@ -288,6 +288,20 @@ impl std::ops::Deref for TestSpool {
     }
 }
 
+impl TestSpool {
+    /// Accepts [`message`]`(i, ["r@test.example"])` for `i` in `0..n`; returns their ids as the
+    /// broker shows them (`message_id`).
+    pub async fn accept_messages(&self, n: usize) -> Vec<String> {
+        let mut ids = Vec::with_capacity(n);
+        for i in 0..n {
+            let m = message(i, &["r@test.example"]);
+            ids.push(m.id.to_string());
+            self.spool.accept(m).await.unwrap();
+        }
+        ids
+    }
+}
+
 pub fn spool() -> TestSpool {
     let dir = tempfile::tempdir().unwrap();
     let cfg = SpoolConfig {

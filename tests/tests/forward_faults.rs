@@ -81,12 +81,7 @@ async fn broker_refusing_at_start_then_accepting_delivers_all() {
     let proxy = Proxy::start(Mode::Refuse).await;
     let cfg = vhost.config(&proxy.node());
     let spool = spool();
-    let mut ids = Vec::new();
-    for i in 0..50 {
-        let m = message(i, &["r@test.example"]);
-        ids.push(m.id.to_string());
-        spool.accept(m).await.unwrap();
-    }
+    let ids = spool.accept_messages(50).await;
     let token = CancellationToken::new();
     let handle = Forwarder::spawn(Arc::new(cfg), spool.clone(), token.clone());
     assert!(

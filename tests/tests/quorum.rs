@@ -46,12 +46,7 @@ async fn a_full_reject_publish_quorum_queue_defers_and_never_drops() {
     cfg.nack_run.max_nacks = 5;
     cfg.nack_run.max_duration = Duration::from_secs(2);
     let spool = spool();
-    let mut ids = Vec::new();
-    for i in 0..30 {
-        let m = message(i, &["r@test.example"]);
-        ids.push(m.id.to_string());
-        spool.accept(m).await.unwrap();
-    }
+    let ids = spool.accept_messages(30).await;
     let token = CancellationToken::new();
     let handle = Forwarder::spawn(Arc::new(cfg), spool.clone(), token.clone());
 

@@ -226,17 +226,13 @@ async fn an_exchange_of_another_type_than_configured_is_used_as_it_is() {
     // Asks for a direct exchange, should it be missing: it is not, so it is only checked.
     cfg.topology.exchange_type = Some("direct".into());
     let spool = broker::spool();
-    let mut ids = Vec::new();
-    for i in 0..10 {
-        let m = broker::message(i, &["r@test.example"]);
-        ids.push(m.id.to_string());
-        spool.accept(m).await.unwrap();
-    }
+    let ids = spool.accept_messages(10).await;
     let token = CancellationToken::new();
     let handle = Forwarder::spawn(Arc::new(cfg), spool.clone(), token.clone());
     let got = consume(&ch, "inbox", 10, Duration::from_secs(30)).await;
     let seen = tally(&got);
     assert_eq!(seen.len(), 10);
+    assert!(ids.iter().all(|id| seen.contains_key(id)), "{seen:?}");
     assert!(broker::wait_for(Duration::from_secs(10), || spool.list().unwrap().is_empty()).await);
     let s = handle.status();
     assert_eq!(
