@@ -140,7 +140,9 @@ impl Syncer {
     }
 
     pub(crate) fn sync(&mut self) -> Result<(), FlushFailure> {
-        self.db.flush().map_err(FlushFailure::Sled)?;
+        let flushed = self.db.flush();
+        super::garbage::release(); // the log buffer that flush sealed, among others
+        flushed.map_err(FlushFailure::Sled)?;
         self.db_file
             .sync_data()
             .map_err(|e| io_failure("fdatasync", &self.db_path, e))?;

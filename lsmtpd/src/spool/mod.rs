@@ -81,11 +81,13 @@
 //! # Files
 //! `store.rs` the [`Spool`] handle; `open.rs` lock, marker, scan; `upgrade.rs` v1 → v2;
 //! `index.rs` memory; `writes.rs` write plans; `commit.rs` group commit; `fsync.rs` the durable
-//! flush; `sweep.rs` orphans; `lease.rs` [`Lease`]; `reader.rs` reads and [`SpoolReader`];
+//! flush; `garbage.rs` hands sled's deferred frees to the collector after each flush;
+//! `sweep.rs` orphans; `lease.rs` [`Lease`]; `reader.rs` reads and [`SpoolReader`];
 //! `state.rs` the transition table; `record.rs`, `key.rs` encodings.
 
 mod commit;
 mod fsync;
+mod garbage;
 mod index;
 pub mod key;
 mod lease;
