@@ -7,14 +7,14 @@
 //! What it holds per message (held mail costs only counters):
 //! - `due`: (due_ms, id) → deferred? for every Queued/Deferred message that is neither leased nor
 //!   busy; the forwarder takes from the front.
-//! - `unheld`: id → received_at_ms for every Queued/Deferred message, leased or not, so the
-//!   oldest unheld message is the first entry (exact, O(log n)).
+//! - `unheld`: the ids of every Queued/Deferred message, leased or not, so the oldest unheld
+//!   message is the first entry (exact, O(log n)); the store reads its `received_at_ms`.
 //! - `leased` and `busy` (an accept or admin verb is writing it) sets of ids.
 //!
-//! About 60 bytes per queued message in all (two B-tree entries of 25 and 24 bytes plus node
-//! overhead): 1,000,000 queued messages cost about 60 MB of index.
+//! About 45 bytes per queued message in all (two B-tree entries of 25 and 16 bytes plus node
+//! overhead): 1,000,000 queued messages cost about 45 MB of index.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use bytes::Bytes;
 
@@ -43,7 +43,7 @@ pub(crate) struct Picked {
 #[derive(Debug, Default)]
 pub(crate) struct Index {
     due: BTreeMap<(u64, MessageId), bool>,
-    unheld: BTreeMap<MessageId, u64>,
+    unheld: BTreeSet<MessageId>,
     leased: HashSet<MessageId>,
     busy: HashSet<MessageId>,
     unreadable: HashMap<MessageId, Unreadable>,
@@ -91,12 +91,12 @@ impl Index {
     }
 
     /// A message as found on disk (open, or after a write). Not leased.
-    pub fn insert(&mut self, id: MessageId, state: &State, size: u64, received_at_ms: u64) {
+    pub fn insert(&mut self, id: MessageId, state: &State, size: u64) {
         self.add_counts(state, size);
         if let Some(due) = state.due_ms() {
             self.due
                 .insert((due, id), matches!(state, State::Deferred { .. }));
-            self.unheld.insert(id, received_at_ms);
+            self.unheld.insert(id);
         }
     }
 
@@ -137,7 +137,7 @@ impl Index {
     pub fn accepted(&mut self, record: Record, body: Bytes) {
         let id = record.id;
         self.busy.remove(&id);
-        self.insert(id, &record.state, record.size, record.received_at_ms);
+        self.insert(id, &record.state, record.size);
         self.keep_hot(record, body);
     }
 
@@ -242,7 +242,7 @@ impl Index {
         }
         self.sub_counts(old, new.size);
         self.unheld.remove(&id);
-        self.insert(id, &new.state, new.size, new.received_at_ms);
+        self.insert(id, &new.state, new.size);
     }
 
     /// A message was removed by an admin verb (purge); the busy claim ends.
@@ -277,8 +277,9 @@ impl Index {
         self.insert_unreadable(id, u);
     }
 
-    pub fn oldest_unheld_received_ms(&self) -> Option<u64> {
-        self.unheld.first_key_value().map(|(_, &ms)| ms)
+    /// The smallest id that is queued or deferred (leased or not).
+    pub fn oldest_unheld(&self) -> Option<MessageId> {
+        self.unheld.first().copied()
     }
 
     pub fn bytes(&self) -> u64 {
@@ -358,13 +359,11 @@ mod tests {
             MessageId::from_bytes([1; 16]),
             &State::Queued { due_ms: 5 },
             1,
-            1,
         );
         ix.insert(
             MessageId::from_bytes([2; 16]),
             &State::Deferred { due_ms: 9 },
             1,
-            2,
         );
         ix.begin(MessageId::from_bytes([1; 16])).unwrap();
         assert!(ix
@@ -385,7 +384,7 @@ mod tests {
     fn counters_follow_defer_hold_complete_and_purge() {
         let mut ix = Index::new(0);
         let r = rec(1, State::Queued { due_ms: 1 }, 10);
-        ix.insert(r.id, &r.state, 10, 1);
+        ix.insert(r.id, &r.state, 10);
         ix.pick_due(1, 1);
         let mut d = r.clone();
         d.state = State::Deferred { due_ms: 2 };
@@ -403,7 +402,7 @@ mod tests {
         };
         ix.rewritten(&d.state, &h);
         assert_eq!((ix.stats().deferred, ix.stats().held), (0, 1));
-        assert_eq!(ix.oldest_unheld_received_ms(), None);
+        assert_eq!(ix.oldest_unheld(), None);
         ix.begin(r.id).unwrap();
         ix.purged(r.id, &h.state, 10);
         assert_eq!(ix.stats(), SpoolStats::default());

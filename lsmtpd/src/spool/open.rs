@@ -102,7 +102,7 @@ pub(crate) fn scan(msg: &Tree, body: &Tree, handoff_bytes: u64) -> Result<Index,
             continue;
         };
         match record::decode(id, &raw) {
-            Ok(rec) => index.insert(id, &rec.state, rec.size, rec.received_at_ms),
+            Ok(rec) => index.insert(id, &rec.state, rec.size),
             Err(e) => {
                 tracing::error!(msg_id = %id, error = %e, "record_unreadable");
                 let (size, chunks) = body_extent(body, id)?;

@@ -566,11 +566,17 @@ impl Spool {
     }
 
     /// `received_at_ms` of the oldest message that is not held (queued, deferred or in flight),
-    /// for the "oldest queued message" alert, which held mail must not keep firing. Exact and
-    /// memory only (the index keeps unheld messages in id order); `max_scan` is no longer
-    /// needed and ignored. `None` when there is none.
+    /// for the "oldest queued message" alert, which held mail must not keep firing. Exact: the
+    /// index keeps the unheld ids in id order, and the first one's record is read (one `get`;
+    /// if it was removed or does not decode meanwhile, its id's UUIDv7 time stands in).
+    /// `max_scan` is no longer needed and ignored. `None` when there is none.
     pub fn oldest_unheld_received_ms(&self, _max_scan: usize) -> Option<u64> {
-        self.index().oldest_unheld_received_ms()
+        let id = self.index().oldest_unheld()?;
+        let received = match self.inner.msg.get(msg_key(id)) {
+            Ok(Some(raw)) => record::decode(id, &raw).ok().map(|r| r.received_at_ms),
+            _ => None,
+        };
+        Some(received.unwrap_or_else(|| id.timestamp_ms()))
     }
 
     /// Admin: Deferred|Held → Queued(now). `Conflict` otherwise or if leased.
