@@ -46,7 +46,8 @@ struct Args {
     #[arg(long)]
     bench: Option<PathBuf>,
     /// Scenarios to run, comma-separated: big8m, big1m, idle500, conn1000, backlog, and
-    /// big8m-retry, big1m-retry (the client retries a 4xx reply after 1 s, as an MTA would).
+    /// big8m-retry, big1m-retry (the client retries a 4xx reply after 1 s, as an MTA would),
+    /// backlog-restart (the backlog drained by a daemon started anew on the spool).
     #[arg(
         long,
         value_delimiter = ',',
@@ -110,6 +111,9 @@ struct Scenario {
     /// Peak RSS target in MiB.
     target_mib: f64,
     backlog: bool,
+    /// Backlog only: stop the daemon after accepting and start a new one (inside the same
+    /// cgroups, broker reachable) that rebuilds its index from the spool and drains it.
+    restart: bool,
 }
 
 fn scenarios(args: &Args) -> Result<Vec<Scenario>> {
@@ -124,6 +128,7 @@ fn scenarios(args: &Args) -> Result<Vec<Scenario>> {
                 bench_args: s(&["-c", "20", "-m", "60", "-s", "8000000", "-k", "1", "--mail-size"]),
                 target_mib: 100.0,
                 backlog: false,
+                restart: false,
             },
             "big1m" => Scenario {
                 name: "big1m",
@@ -134,6 +139,7 @@ fn scenarios(args: &Args) -> Result<Vec<Scenario>> {
                 ]),
                 target_mib: 100.0,
                 backlog: false,
+                restart: false,
             },
             "big8m-retry" => Scenario {
                 name: "big8m-retry",
@@ -146,6 +152,7 @@ fn scenarios(args: &Args) -> Result<Vec<Scenario>> {
                 ]),
                 target_mib: 100.0,
                 backlog: false,
+                restart: false,
             },
             "big1m-retry" => Scenario {
                 name: "big1m-retry",
@@ -158,6 +165,7 @@ fn scenarios(args: &Args) -> Result<Vec<Scenario>> {
                 ]),
                 target_mib: 100.0,
                 backlog: false,
+                restart: false,
             },
             "idle500" => Scenario {
                 name: "idle500",
@@ -173,6 +181,7 @@ fn scenarios(args: &Args) -> Result<Vec<Scenario>> {
                 ],
                 target_mib: 100.0,
                 backlog: false,
+                restart: false,
             },
             "conn1000" => Scenario {
                 name: "conn1000",
@@ -180,12 +189,14 @@ fn scenarios(args: &Args) -> Result<Vec<Scenario>> {
                 bench_args: s(&["-c", "1000", "-m", "1000", "-s", "4096", "-k", "1", "--mail-size"]),
                 target_mib: 64.0,
                 backlog: false,
+                restart: false,
             },
-            "backlog" => Scenario {
-                name: "backlog",
+            name @ ("backlog" | "backlog-restart") => Scenario {
+                name: if name == "backlog" { "backlog" } else { "backlog-restart" },
                 what: format!(
-                    "{} x 4 KiB accepted by 20 persistent clients with the broker unreachable, then drained",
-                    args.backlog
+                    "{} x 4 KiB accepted by 20 persistent clients with the broker unreachable, then drained{}",
+                    args.backlog,
+                    if name == "backlog" { "" } else { " by a restarted daemon" }
                 ),
                 bench_args: vec![
                     "-c".into(),
@@ -200,10 +211,11 @@ fn scenarios(args: &Args) -> Result<Vec<Scenario>> {
                 ],
                 target_mib: 64.0,
                 backlog: true,
+                restart: name != "backlog",
             },
             other => bail!(
                 "unknown scenario {other:?} (big8m, big1m, big8m-retry, big1m-retry, idle500, \
-                 conn1000, backlog)"
+                 conn1000, backlog, backlog-restart)"
             ),
         });
     }
@@ -393,8 +405,13 @@ fn load_summary(f: &Figures) -> String {
         );
     }
     if let Some(arrived) = l.get("arrived") {
+        let ready = l
+            .get("ready_s")
+            .and_then(|r| r.as_f64())
+            .map(|r| format!("ready {r:.1} s after the start, then "))
+            .unwrap_or_default();
         return format!(
-            "{arrived} of {} at the broker in {:.1} s (after {:.1} s to reconnect), duplicates {}",
+            "{ready}{arrived} of {} at the broker in {:.1} s (after {:.1} s to reconnect), duplicates {}",
             l["expected"],
             l["drain_s"].as_f64().unwrap_or(0.0),
             l["reconnect_s"].as_f64().unwrap_or(0.0),
@@ -835,26 +852,56 @@ async fn run(args: &Args, lsmtpd: &Path, bench: &Path, sc: &Scenario) -> Result<
     timeline(args, &tag, name, &sampled)?;
     if let Some(proxy) = proxy.filter(|_| figures[0].daemon_survived) {
         let expected = load["accepted"].as_u64().unwrap_or(0);
-        // The drain on its own: peak RSS and the cgroup's peaks start anew.
-        write(
-            &PathBuf::from(format!("/proc/{}/clear_refs", daemon.pid)),
-            "5",
-        )?;
-        groups.reset_peaks()?;
         let oom_before = groups.oom_kills()?;
-        let started = Instant::now();
-        let sampler = Sampler::start(groups.memory.clone(), daemon.pid, args.sample);
-        proxy.set_mode(Mode::Pass);
+        let mut ready_s = None;
+        let (phase, sampler, started) = if sc.restart {
+            // A clean stop, then a new daemon on the same spool and config in the same cgroups:
+            // its peak RSS is its own from the start (index rebuild, then the drain).
+            daemon.stop().await?;
+            groups.reset_peaks()?;
+            proxy.set_mode(Mode::Pass);
+            let started = Instant::now();
+            daemon = Daemon::start(
+                lsmtpd,
+                &config_path,
+                &scratch.dir.join("lsmtpd-restarted.log"),
+                &groups,
+            )?;
+            let sampler = Sampler::start(groups.memory.clone(), daemon.pid, args.sample);
+            daemon
+                .wait_for_log("lsmtpd_ready", Duration::from_secs(300))
+                .await?;
+            ready_s = Some(started.elapsed().as_secs_f64());
+            ("restart+drain", sampler, started)
+        } else {
+            // The drain on its own: peak RSS and the cgroup's peaks start anew.
+            write(
+                &PathBuf::from(format!("/proc/{}/clear_refs", daemon.pid)),
+                "5",
+            )?;
+            groups.reset_peaks()?;
+            let started = Instant::now();
+            let sampler = Sampler::start(groups.memory.clone(), daemon.pid, args.sample);
+            proxy.set_mode(Mode::Pass);
+            ("drain", sampler, started)
+        };
         let drained = drain(&mut daemon, &uri, queue, expected).await;
         let sampled = sampler.finish();
-        let load = match drained {
+        let mut load = match drained {
             Ok(d) => d,
             Err(e) => serde_json::json!({"error": format!("{e:#}"), "expected": expected}),
         };
-        let mut f = collect(sc, "drain", &groups, &mut daemon, &sampled, started, load)?;
+        if let Some(ready_s) = ready_s {
+            load["ready_s"] = serde_json::json!(ready_s);
+        }
+        let mut f = collect(sc, phase, &groups, &mut daemon, &sampled, started, load)?;
         f.oom_kills = f.oom_kills.saturating_sub(oom_before);
-        f.what = format!("draining the {expected}-message backlog once the broker is reachable");
-        timeline(args, &tag, "drain", &sampled)?;
+        f.what = if sc.restart {
+            format!("a new daemon rebuilding its index from the {expected}-message spool and draining it")
+        } else {
+            format!("draining the {expected}-message backlog once the broker is reachable")
+        };
+        timeline(args, &tag, phase, &sampled)?;
         figures.push(f);
     }
     let (running, status) = daemon.stop().await?;
