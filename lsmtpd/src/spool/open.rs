@@ -17,34 +17,25 @@ use crate::config::SpoolConfig;
 /// the next open. Missing at open = the last run did not end cleanly: sweep for orphans.
 pub(crate) const CLEAN_MARKER: &str = "clean-shutdown";
 
-/// Takes our directory lock, then opens sled (which takes its own file lock).
-///
+/// Takes our directory lock, then opens sled (which takes its own file lock); retried while
+/// either is held by something going away.
+pub(crate) fn lock_and_open(cfg: &SpoolConfig) -> Result<(File, sled::Db), SpoolError> {
+    retrying_while_locked(|| {
+        lock_dir(&cfg.dir).and_then(|lock| open_sled(cfg).map(|db| (lock, db)))
+    })
+}
+
 /// A lock held by something that is going away is retried for a short while before it counts
 /// as `Locked`: a `Spool` just dropped in this process (sled's background I/O threads let go
-/// of its files a little after the drop), and lock files inherited by a child process this
-/// process is spawning (they stay open between its fork and its exec). A live daemon holding
-/// the spool still fails the open, two seconds later.
-pub(crate) fn lock_and_open(cfg: &SpoolConfig) -> Result<(File, sled::Db), SpoolError> {
+/// of its files a little after the drop; also our own [`reopen`]), and lock files inherited by
+/// a child process this process is spawning (they stay open between its fork and its exec). A
+/// live daemon holding the spool still fails the open, two seconds later.
+fn retrying_while_locked<T>(
+    mut attempt: impl FnMut() -> Result<T, SpoolError>,
+) -> Result<T, SpoolError> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
     loop {
-        let attempt = lock_dir(&cfg.dir).and_then(|lock| {
-            sled::Config::new()
-                .path(&cfg.dir)
-                .cache_capacity(cfg.cache_bytes)
-                .open()
-                .map(|db| (lock, db))
-                .map_err(|e| match e {
-                    sled::Error::Io(ref io)
-                        if io.to_string().contains("could not acquire lock") =>
-                    {
-                        SpoolError::Locked {
-                            dir: cfg.dir.clone(),
-                        }
-                    }
-                    other => SpoolError::Storage(other),
-                })
-        });
-        match attempt {
+        match attempt() {
             Err(SpoolError::Locked { .. }) if std::time::Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
@@ -52,6 +43,44 @@ pub(crate) fn lock_and_open(cfg: &SpoolConfig) -> Result<(File, sled::Db), Spool
         }
     }
 }
+
+fn open_sled(cfg: &SpoolConfig) -> Result<sled::Db, SpoolError> {
+    sled::Config::new()
+        .path(&cfg.dir)
+        .cache_capacity(cfg.cache_bytes)
+        .open()
+        .map_err(|e| match e {
+            sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => {
+                SpoolError::Locked {
+                    dir: cfg.dir.clone(),
+                }
+            }
+            other => SpoolError::Storage(other),
+        })
+}
+
+/// Closes `db` (flushed) and opens it again, under the directory lock the caller keeps, to let
+/// go of the pages a scan read; then asks the allocator to return the freed memory.
+pub(crate) fn reopen(cfg: &SpoolConfig, db: sled::Db) -> Result<sled::Db, SpoolError> {
+    db.flush()?;
+    drop(db);
+    let db = retrying_while_locked(|| open_sled(cfg))?;
+    release_freed_memory();
+    Ok(db)
+}
+
+/// glibc keeps freed heap memory mapped; `malloc_trim` hands whole free pages back.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn release_freed_memory() {
+    // SAFETY: malloc_trim only releases free memory of the allocator; any thread may call it.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn release_freed_memory() {}
 
 /// Takes an exclusive `flock` on `dir/lock` (released when the file is closed). flock locks
 /// belong to the open file description, so a second `Spool::open` in the same process conflicts
@@ -91,32 +120,82 @@ pub(crate) fn write_clean_marker(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Rebuilds the in-memory index from one scan of `msg`.
-pub(crate) fn scan(msg: &Tree, body: &Tree, handoff_bytes: u64) -> Result<Index, SpoolError> {
+/// The open scan reads `msg` in batches of about this many bytes of records, closing and
+/// reopening sled between them ([`scan`]).
+pub(crate) const SCAN_BATCH_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Rebuilds the in-memory index from one scan of `msg`, in batches of [`SCAN_BATCH_BYTES`];
+/// returns the database to go on with.
+///
+/// Why batches: sled 0.34 keeps the pages a scan read in memory far beyond `cache_capacity`
+/// (its cache notices an access only once 64 have queued up for one of its 256 shards), so one
+/// scan of a 200,000-message spool held ~40 MiB of sled nodes, and the drain after it grew on
+/// the fragments they left (a restart on that backlog peaked at 95 MiB, BENCHMARKS.md). Closing
+/// the database frees them; each batch after the first costs one close and open (~10 ms).
+pub(crate) fn scan(
+    cfg: &SpoolConfig,
+    mut db: sled::Db,
+    handoff_bytes: u64,
+) -> Result<(Index, sled::Db), SpoolError> {
     let mut index = Index::new(handoff_bytes);
+    let mut after: Option<sled::IVec> = None;
     let now = now_ms();
-    for item in msg.iter() {
-        let (key, raw) = item?;
-        let Some(id) = decode_msg_key(&key) else {
-            tracing::error!(key = ?key, "msg_key_unreadable");
-            continue;
+    loop {
+        let msg = db.open_tree("msg")?;
+        let body = db.open_tree("body")?;
+        let items = match &after {
+            None => msg.iter(),
+            Some(last) => msg.range::<&[u8], _>((
+                std::ops::Bound::Excluded(last.as_ref()),
+                std::ops::Bound::Unbounded,
+            )),
         };
-        match record::decode(id, &raw) {
-            Ok(rec) => index.insert(id, &rec.state, rec.size),
-            Err(e) => {
-                tracing::error!(msg_id = %id, error = %e, "record_unreadable");
-                let (size, chunks) = body_extent(body, id)?;
-                index.insert_unreadable(
-                    id,
-                    Unreadable {
-                        size,
-                        chunks,
-                        since_ms: now,
-                        reason: e.0,
-                    },
-                );
+        let mut read = 0u64;
+        let mut more = false;
+        for item in items {
+            if read >= SCAN_BATCH_BYTES {
+                more = true;
+                break;
             }
+            let (key, raw) = item?;
+            read += (key.len() + raw.len()) as u64;
+            scan_one(&mut index, &body, &key, &raw, now)?;
+            after = Some(key);
+        }
+        if !more {
+            return Ok((index, db));
+        }
+        drop((msg, body));
+        db = reopen(cfg, db)?;
+    }
+}
+
+fn scan_one(
+    index: &mut Index,
+    body: &Tree,
+    key: &[u8],
+    raw: &[u8],
+    now: u64,
+) -> Result<(), SpoolError> {
+    let Some(id) = decode_msg_key(key) else {
+        tracing::error!(key = ?key, "msg_key_unreadable");
+        return Ok(());
+    };
+    match record::decode(id, raw) {
+        Ok(rec) => index.insert(id, &rec.state, rec.size),
+        Err(e) => {
+            tracing::error!(msg_id = %id, error = %e, "record_unreadable");
+            let (size, chunks) = body_extent(body, id)?;
+            index.insert_unreadable(
+                id,
+                Unreadable {
+                    size,
+                    chunks,
+                    since_ms: now,
+                    reason: e.0,
+                },
+            );
         }
     }
-    Ok(index)
+    Ok(())
 }

@@ -104,9 +104,9 @@ impl Spool {
         let (lock, db) = super::open::lock_and_open(cfg)?;
         let clean = super::open::take_clean_marker(dir)?;
         super::upgrade::v1_to_v2(&db)?;
+        let (index, db) = super::open::scan(cfg, db, cfg.handoff_bytes)?;
         let msg = db.open_tree("msg")?;
         let body = db.open_tree("body")?;
-        let index = super::open::scan(&msg, &body, cfg.handoff_bytes)?;
         let stats = index.stats();
         let flusher = GroupCommit::start(Syncer::new(db.clone(), dir)?)?;
         if created {

@@ -342,3 +342,53 @@ fn the_reader_shows_a_v1_spool_and_changes_nothing() {
     assert_eq!(db.open_tree("meta").unwrap().len(), 5);
     assert!(!c.dir.join(CLEAN_MARKER).exists());
 }
+
+/// An open whose scan reads more than `SCAN_BATCH_BYTES` of records goes on in batches, closing
+/// and reopening sled between them: the spool that comes out of it holds every message once,
+/// reads bodies back, removes, persists, and still holds the directory lock.
+#[tokio::test]
+async fn an_open_scan_in_batches_keeps_every_message_and_the_lock() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = cfg(tmp.path());
+    std::fs::create_dir_all(&c.dir).unwrap();
+    let (db, msg, body) = raw_trees(&c.dir);
+    let mut ids = Vec::new();
+    let mut scanned = 0u64;
+    while scanned < 2 * super::super::open::SCAN_BATCH_BYTES + 1000 {
+        let m = message(body_of(100));
+        let encoded = record::encode(&record_of(&m, State::Queued { due_ms: 0 }));
+        scanned += (16 + encoded.len()) as u64;
+        writes::run(&msg, &body, &accept_plan(m.id, &encoded, &m.body)).unwrap();
+        ids.push(m.id);
+    }
+    db.flush().unwrap();
+    drop((msg, body, db));
+    std::fs::File::create(c.dir.join(CLEAN_MARKER)).unwrap(); // a clean stop: no sweep
+
+    let spool = Spool::open(&c).unwrap();
+    assert_eq!(
+        spool.stats().queued,
+        ids.len() as u64,
+        "three batches, nothing twice"
+    );
+    assert_eq!(spool.stats().bytes, 100 * ids.len() as u64);
+    assert!(
+        matches!(Spool::open(&c), Err(SpoolError::Locked { .. })),
+        "the directory lock is kept across the reopens"
+    );
+    let leases = spool.lease_due(u64::MAX, 3).unwrap();
+    let leased: Vec<MessageId> = leases.iter().map(|l| l.id()).collect();
+    assert_eq!(leased, ids[..3].to_vec(), "oldest first");
+    for lease in &leases {
+        assert_eq!(
+            lease.body(),
+            Some(&body_of(100)),
+            "read back from the reopened sled"
+        );
+    }
+    spool.complete(leases).await.unwrap();
+    spool.flush().await.unwrap();
+    drop(spool);
+    let spool = Spool::open(&c).unwrap();
+    assert_eq!(spool.stats().queued, ids.len() as u64 - 3);
+}
