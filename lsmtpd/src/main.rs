@@ -43,10 +43,14 @@ struct Args {
 
 /// glibc's allocator, set before any thread starts: every allocation of 128 KiB or more (message
 /// bodies, payloads) is its own mapping, returned to the system when freed, instead of the
-/// dynamic threshold letting freed 8 MB bodies stay in the heap as fragments; and at most two
-/// arenas rather than eight per CPU. In a 128 MiB cgroup with 8 MB messages arriving and being
-/// published at once this took the peak from 106 to 69 MiB (BENCHMARKS, issue 15). These calls
-/// take precedence over the `MALLOC_MMAP_THRESHOLD_` / `MALLOC_ARENA_MAX` environment variables.
+/// dynamic threshold letting freed 8 MB bodies stay in the heap as fragments; and one arena
+/// rather than eight per CPU. In a 128 MiB cgroup with 8 MB messages arriving and being
+/// published at once this took the peak from 106 to 69 MiB (BENCHMARKS, issue 15). One arena,
+/// not two: after a restart the spool's open scan fills the main thread's arena and the drain
+/// allocates in another, which cannot reuse what the scan freed (restart on a 200,000-message
+/// backlog: 75.6 -> 57.4 MiB); the CPU per message did not move beyond the machine's noise.
+/// These calls take precedence over the `MALLOC_MMAP_THRESHOLD_` / `MALLOC_ARENA_MAX`
+/// environment variables.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
 fn tune_allocator() {
@@ -54,7 +58,7 @@ fn tune_allocator() {
     // other thread exists. A refused parameter (return 0) leaves glibc's default in place.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
-        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 
