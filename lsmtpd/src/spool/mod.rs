@@ -37,7 +37,7 @@
 //! unclean shutdown; a clean shutdown leaves a `clean-shutdown` marker file that the next open
 //! removes (`open.rs`).
 //!
-//! # In memory (`index.rs`), rebuilt at open by one scan of `msg`
+//! # In memory (`index.rs`), rebuilt at open by one scan of `msg` (in batches: `open.rs`)
 //! The due-time index ((due_ms, id) in a B-tree), the unheld messages in id order (so the
 //! oldest is exact and cheap), the leased and busy ids, the counters (never recomputed), and the
 //! **hot set**: a just-accepted message's record and body, up to `spool.handoff_bytes`, handed to

@@ -1,5 +1,5 @@
-//! Opening: the directory lock, sled, the clean-shutdown marker, the v1 upgrade, and the one
-//! scan of the `msg` tree that rebuilds the in-memory index.
+//! Opening: the directory lock, sled, the clean-shutdown marker, the v1 upgrade, and the scan
+//! of the `msg` tree (in batches, sled reopened between them) that rebuilds the in-memory index.
 
 use std::fs::File;
 use std::path::Path;
