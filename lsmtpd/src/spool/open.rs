@@ -134,12 +134,8 @@ pub(crate) const SCAN_BATCH_BYTES: u64 = 4 * 1024 * 1024;
 /// the database frees them. Each batch after the first costs one close and open: ~30 ms on a
 /// 1.6 GB spool, likely more on larger ones (a restart on 1,000,000 messages took 34 s in all
 /// against 5 s on 200,000; not yet measured apart from the scan).
-pub(crate) fn scan(
-    cfg: &SpoolConfig,
-    mut db: sled::Db,
-    handoff_bytes: u64,
-) -> Result<(Index, sled::Db), SpoolError> {
-    let mut index = Index::new(handoff_bytes);
+pub(crate) fn scan(cfg: &SpoolConfig, mut db: sled::Db) -> Result<(Index, sled::Db), SpoolError> {
+    let mut index = Index::new(cfg.handoff_bytes);
     let mut after: Option<sled::IVec> = None;
     let now = now_ms();
     loop {

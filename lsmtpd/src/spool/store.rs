@@ -33,6 +33,13 @@ use super::writes::{self, accept_plan, remove_plan, rewrite_plan, Step};
 use super::{now_ms, MessageId, NewMessage, SpoolError, SpoolStats};
 use crate::config::SpoolConfig;
 
+/// `received_at_ms` of the stored record `raw` of `id`; its id's UUIDv7 time when the record is
+/// gone or does not decode.
+fn received_ms(id: MessageId, raw: Option<&[u8]>) -> u64 {
+    raw.and_then(|raw| record::decode(id, raw).ok())
+        .map_or_else(|| id.timestamp_ms(), |r| r.received_at_ms)
+}
+
 /// The free-space figure is refreshed (one `statvfs`) when it is older than this…
 const DISK_FREE_MAX_AGE: Duration = Duration::from_secs(1);
 /// …or when this many bytes were accepted since (they are subtracted from it meanwhile)…
@@ -104,7 +111,7 @@ impl Spool {
         let (lock, db) = super::open::lock_and_open(cfg)?;
         let clean = super::open::take_clean_marker(dir)?;
         super::upgrade::v1_to_v2(&db)?;
-        let (index, db) = super::open::scan(cfg, db, cfg.handoff_bytes)?;
+        let (index, db) = super::open::scan(cfg, db)?;
         let msg = db.open_tree("msg")?;
         let body = db.open_tree("body")?;
         let stats = index.stats();
@@ -552,11 +559,7 @@ impl Spool {
     /// Counters (memory; `oldest_received_ms` reads the first record).
     pub fn stats(&self) -> SpoolStats {
         let oldest_received_ms = match self.inner.msg.first() {
-            Ok(Some((key, raw))) => decode_msg_key(&key).map(|id| {
-                record::decode(id, &raw)
-                    .map(|r| r.received_at_ms)
-                    .unwrap_or_else(|_| id.timestamp_ms())
-            }),
+            Ok(Some((key, raw))) => decode_msg_key(&key).map(|id| received_ms(id, Some(&raw))),
             _ => None,
         };
         SpoolStats {
@@ -572,11 +575,8 @@ impl Spool {
     /// `max_scan` is no longer needed and ignored. `None` when there is none.
     pub fn oldest_unheld_received_ms(&self, _max_scan: usize) -> Option<u64> {
         let id = self.index().oldest_unheld()?;
-        let received = match self.inner.msg.get(msg_key(id)) {
-            Ok(Some(raw)) => record::decode(id, &raw).ok().map(|r| r.received_at_ms),
-            _ => None,
-        };
-        Some(received.unwrap_or_else(|| id.timestamp_ms()))
+        let raw = self.inner.msg.get(msg_key(id)).ok().flatten();
+        Some(received_ms(id, raw.as_deref()))
     }
 
     /// Admin: Deferred|Held → Queued(now). `Conflict` otherwise or if leased.
