@@ -120,52 +120,96 @@ pub(crate) fn write_clean_marker(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// The open scan reads `msg` in batches of about this many bytes of records, closing and
-/// reopening sled between them ([`scan`]).
+/// The open scan reads `msg` in batches of about this many bytes of records ([`scan`]).
 pub(crate) const SCAN_BATCH_BYTES: u64 = 4 * 1024 * 1024;
 
+/// Between two batches sled is closed and reopened only once the scan has spent this many
+/// times the last reopen's duration reading since it ([`reopen_due`]).
+pub(crate) const SCAN_TIME_PER_REOPEN: u32 = 2;
+
 /// Rebuilds the in-memory index from one scan of `msg`, in batches of [`SCAN_BATCH_BYTES`];
-/// returns the database to go on with.
+/// returns the database to go on with. `progress` is called after every batch with the number
+/// of records read so far (the daemon tells systemd that startup goes on).
 ///
-/// Why batches: sled 0.34 keeps the pages a scan read in memory far beyond `cache_capacity`
-/// (its cache notices an access only once 64 have queued up for one of its 256 shards), so one
-/// scan of a 200,000-message spool held ~40 MiB of sled nodes, and the drain after it grew on
-/// the fragments they left (a restart on that backlog peaked at 95 MiB, BENCHMARKS.md). Closing
-/// the database frees them. Each batch after the first costs one close and open: ~30 ms on a
-/// 1.6 GB spool, likely more on larger ones (a restart on 1,000,000 messages took 34 s in all
-/// against 5 s on 200,000; not yet measured apart from the scan).
-pub(crate) fn scan(cfg: &SpoolConfig, mut db: sled::Db) -> Result<(Index, sled::Db), SpoolError> {
+/// Why batches and reopens: sled 0.34 keeps the pages a scan read in memory far beyond
+/// `cache_capacity` (its cache notices an access only once 64 have queued up for one of its 256
+/// shards), so one scan of a 200,000-message spool held ~40 MiB of sled nodes, and the drain
+/// after it grew on the fragments they left (a restart on that backlog peaked at 95 MiB,
+/// BENCHMARKS.md). Closing the database frees them. But a reopen rebuilds sled's page table
+/// for the whole database: ~30 ms on a 1.6 GB spool, ~300 ms on 8 GB (1,000,000 messages),
+/// where a reopen after every batch made 22 s of a 27 s scan. So sled is reopened only when
+/// the reading since the last reopen took [`SCAN_TIME_PER_REOPEN`] times as long as that
+/// reopen did: reopening costs at most a third of the scan, and what the scan holds between
+/// two reopens grows only where a reopen is dear, on large spools.
+pub(crate) fn scan(
+    cfg: &SpoolConfig,
+    mut db: sled::Db,
+    progress: &mut dyn FnMut(u64),
+) -> Result<(Index, sled::Db, ScanReport), SpoolError> {
     let mut index = Index::new(cfg.handoff_bytes);
     let mut after: Option<sled::IVec> = None;
     let now = now_ms();
+    let started = std::time::Instant::now();
+    let mut report = ScanReport::default();
+    let mut last_reopen = std::time::Duration::ZERO;
+    let mut reading_since = std::time::Instant::now();
     loop {
         let msg = db.open_tree("msg")?;
         let body = db.open_tree("body")?;
-        let items = match &after {
-            None => msg.iter(),
-            Some(last) => msg.range::<&[u8], _>((
-                std::ops::Bound::Excluded(last.as_ref()),
-                std::ops::Bound::Unbounded,
-            )),
-        };
-        let mut read = 0u64;
-        let mut more = false;
-        for item in items {
-            if read >= SCAN_BATCH_BYTES {
-                more = true;
+        let mut more = true;
+        while more {
+            let items = match &after {
+                None => msg.iter(),
+                Some(last) => msg.range::<&[u8], _>((
+                    std::ops::Bound::Excluded(last.as_ref()),
+                    std::ops::Bound::Unbounded,
+                )),
+            };
+            let mut read = 0u64;
+            more = false;
+            for item in items {
+                if read >= SCAN_BATCH_BYTES {
+                    more = true;
+                    break;
+                }
+                let (key, raw) = item?;
+                read += (key.len() + raw.len()) as u64;
+                report.records += 1;
+                scan_one(&mut index, &body, &key, &raw, now)?;
+                after = Some(key);
+            }
+            progress(report.records);
+            if more && reopen_due(reading_since.elapsed(), last_reopen) {
                 break;
             }
-            let (key, raw) = item?;
-            read += (key.len() + raw.len()) as u64;
-            scan_one(&mut index, &body, &key, &raw, now)?;
-            after = Some(key);
         }
         if !more {
-            return Ok((index, db));
+            report.elapsed = started.elapsed();
+            return Ok((index, db, report));
         }
         drop((msg, body));
+        let t = std::time::Instant::now();
         db = reopen(cfg, db)?;
+        last_reopen = t.elapsed();
+        report.reopens += 1;
+        report.reopen_time += last_reopen;
+        reading_since = std::time::Instant::now();
     }
+}
+
+/// Whether the scan should close and reopen sled now, having read for `reading` since the last
+/// reopen, which took `last_reopen` (zero before the first). Pure.
+pub(crate) fn reopen_due(reading: std::time::Duration, last_reopen: std::time::Duration) -> bool {
+    reading >= last_reopen * SCAN_TIME_PER_REOPEN
+}
+
+/// What one open scan did, for the `spool_opened` log line.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct ScanReport {
+    pub records: u64,
+    pub reopens: u32,
+    pub reopen_time: std::time::Duration,
+    pub elapsed: std::time::Duration,
 }
 
 fn scan_one(
@@ -196,4 +240,26 @@ fn scan_one(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn the_first_reopen_comes_after_the_first_batch() {
+        assert!(reopen_due(Duration::ZERO, Duration::ZERO));
+    }
+
+    #[test]
+    fn a_dear_reopen_waits_for_that_many_times_its_duration_of_reading() {
+        let reopen = Duration::from_millis(300);
+        assert!(!reopen_due(Duration::from_millis(599), reopen));
+        assert!(reopen_due(Duration::from_millis(600), reopen));
+        assert!(reopen_due(
+            Duration::from_millis(30),
+            Duration::from_millis(5)
+        ));
+    }
 }

@@ -105,13 +105,24 @@ impl Spool {
     /// in-memory index from one scan of the records, makes everything durable, and starts the
     /// orphan sweep in the background if the last run did not shut down cleanly.
     pub fn open(cfg: &SpoolConfig) -> Result<Spool, SpoolError> {
+        Spool::open_reporting(cfg, &mut |_| {})
+    }
+
+    /// [`Spool::open`], calling `progress` with the number of records read so far after every
+    /// batch of the index rebuild (about 4 MiB of records each).
+    pub fn open_reporting(
+        cfg: &SpoolConfig,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<Spool, SpoolError> {
+        let started = std::time::Instant::now();
         let dir = &cfg.dir;
         let created = !dir.exists();
         std::fs::create_dir_all(dir)?;
         let (lock, db) = super::open::lock_and_open(cfg)?;
+        let sled_open = started.elapsed();
         let clean = super::open::take_clean_marker(dir)?;
         super::upgrade::v1_to_v2(&db)?;
-        let (index, db) = super::open::scan(cfg, db)?;
+        let (index, db, scan) = super::open::scan(cfg, db, progress)?;
         let msg = db.open_tree("msg")?;
         let body = db.open_tree("body")?;
         let stats = index.stats();
@@ -128,6 +139,12 @@ impl Spool {
             held = stats.held,
             bytes = stats.bytes,
             clean,
+            scanned = scan.records,
+            scan_ms = scan.elapsed.as_millis() as u64,
+            reopens = scan.reopens,
+            reopen_ms = scan.reopen_time.as_millis() as u64,
+            sled_open_ms = sled_open.as_millis() as u64,
+            open_ms = started.elapsed().as_millis() as u64,
             "spool_opened"
         );
         let index = Arc::new(Mutex::new(index));

@@ -365,12 +365,20 @@ async fn an_open_scan_in_batches_keeps_every_message_and_the_lock() {
     drop((msg, body, db));
     std::fs::File::create(c.dir.join(CLEAN_MARKER)).unwrap(); // a clean stop: no sweep
 
-    let spool = Spool::open(&c).unwrap();
+    let mut progress = Vec::new();
+    let spool = Spool::open_reporting(&c, &mut |read| progress.push(read)).unwrap();
     assert_eq!(
         spool.stats().queued,
         ids.len() as u64,
         "three batches, nothing twice"
     );
+    assert_eq!(
+        progress.len(),
+        3,
+        "one progress call per batch: {progress:?}"
+    );
+    assert!(progress.windows(2).all(|w| w[0] < w[1]), "{progress:?}");
+    assert_eq!(progress.last(), Some(&(ids.len() as u64)));
     assert_eq!(spool.stats().bytes, 100 * ids.len() as u64);
     assert!(
         matches!(Spool::open(&c), Err(SpoolError::Locked { .. })),
