@@ -14,6 +14,7 @@ pub mod config;
 pub mod exporter;
 pub mod forward;
 pub mod metrics;
+pub mod notify;
 pub mod smtp;
 pub mod spool;
 
@@ -65,10 +66,13 @@ impl Daemon {
     /// notify) knows the daemon is ready.
     pub async fn start(config: Config, token: CancellationToken) -> anyhow::Result<Daemon> {
         let spool_cfg = config.spool.clone();
-        let spool = tokio::task::spawn_blocking(move || Spool::open(&spool_cfg))
-            .await
-            .context("spool open task failed")?
-            .with_context(|| format!("cannot open the spool in {}", config.spool.dir.display()))?;
+        let spool = tokio::task::spawn_blocking(move || {
+            let mut progress = notify::StartupProgress::default();
+            Spool::open_reporting(&spool_cfg, &mut |read| progress.notify(read))
+        })
+        .await
+        .context("spool open task failed")?
+        .with_context(|| format!("cannot open the spool in {}", config.spool.dir.display()))?;
         let auth_users = match config.smtp.auth.users_file.clone() {
             Some(path) => {
                 let users = tokio::task::spawn_blocking(move || AuthUsers::load(&path))

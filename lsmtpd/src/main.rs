@@ -1,7 +1,6 @@
 //! `lsmtpd`: reads the configuration, sets up logging and signals, runs the daemon.
 
 mod logging;
-mod notify;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,6 +8,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use lsmtpd::config::{Config, Problem, EXIT_CONFIG};
 use lsmtpd::forward::probe;
+use lsmtpd::notify;
 use lsmtpd::Daemon;
 use tokio_util::sync::CancellationToken;
 

@@ -5,18 +5,54 @@
 //! What must stay true: `READY=1` is sent only after `Daemon::start` returned (SMTP listeners
 //! and the admin socket bound, spool open), and `STOPPING=1` as soon as shutdown begins, so
 //! `systemctl start` returns when mail can be accepted and `systemctl stop` shows "deactivating".
+//! While the spool's index is rebuilt from a large spool (more than one batch of the scan),
+//! every batch sends `EXTEND_TIMEOUT_USEC` ([`STARTUP_EXTENSION`]) with a `STATUS=`, so a start
+//! that makes progress outlives the unit's start timeout and one that hangs does not.
 //! A failed notification is logged and otherwise ignored: it must never stop mail.
 
 use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::time::Duration;
 
 use tracing::warn;
 
+/// How much longer the service manager should wait for startup, sent after every batch of the
+/// spool's index rebuild once it needs more than one (a batch takes well under a second).
+pub const STARTUP_EXTENSION: Duration = Duration::from_secs(30);
+
 /// Tells the service manager that lsmtpd accepts mail.
 pub fn ready() {
-    send_logged("READY=1");
+    send_logged("READY=1\nSTATUS=accepting mail");
+}
+
+/// Called after every batch of the spool's index rebuild with the records read so far; from
+/// the second batch on, extends the start timeout by [`STARTUP_EXTENSION`].
+#[derive(Debug, Default)]
+pub struct StartupProgress {
+    batches: u64,
+}
+
+impl StartupProgress {
+    /// The datagram to send after a batch that brought the count of records read to `read`,
+    /// if any. Pure.
+    pub fn after_batch(&mut self, read: u64) -> Option<String> {
+        self.batches += 1;
+        (self.batches > 1).then(|| {
+            format!(
+                "EXTEND_TIMEOUT_USEC={}\nSTATUS=rebuilding the spool index: {read} messages read",
+                STARTUP_EXTENSION.as_micros()
+            )
+        })
+    }
+
+    /// [`StartupProgress::after_batch`], sent to the service manager.
+    pub fn notify(&mut self, read: u64) {
+        if let Some(state) = self.after_batch(read) {
+            send_logged(&state);
+        }
+    }
 }
 
 /// Tells the service manager that the graceful shutdown has begun.
@@ -108,6 +144,23 @@ mod tests {
         let sock = UnixDatagram::bind_addr(&addr).expect("bind");
         notify_to(OsStr::new(&format!("@{name}")), "STOPPING=1").expect("notify");
         assert_eq!(recv(&sock), "STOPPING=1");
+    }
+
+    #[test]
+    fn the_first_batch_sends_nothing_and_every_later_one_extends_the_start() {
+        let mut p = StartupProgress::default();
+        assert_eq!(
+            p.after_batch(12_000),
+            None,
+            "a small spool: one batch, no message"
+        );
+        assert_eq!(
+            p.after_batch(24_000).as_deref(),
+            Some("EXTEND_TIMEOUT_USEC=30000000\nSTATUS=rebuilding the spool index: 24000 messages read")
+        );
+        assert!(p
+            .after_batch(36_000)
+            .is_some_and(|m| m.starts_with("EXTEND_TIMEOUT_USEC=30000000\n")));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! lsmtpd as a systemd service sees it: the `sd_notify` datagrams of `Type=notify` (READY=1 once
-//! it accepts mail, STOPPING=1 when shutdown begins) and `ExecReload` (SIGHUP must not kill it).
+//! it accepts mail, EXTEND_TIMEOUT_USEC while a large spool's index is rebuilt, STOPPING=1 when
+//! shutdown begins) and `ExecReload` (SIGHUP must not kill it).
 //! The service manager is played by a Unix datagram socket in a temp dir.
 #![allow(clippy::unwrap_used)]
 
@@ -62,7 +63,11 @@ fn ready_after_start_and_stopping_on_sigterm_reach_notify_socket() {
         &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())],
     )
     .unwrap();
-    assert_eq!(next_notification(&notify), "READY=1");
+    assert_eq!(
+        next_notification(&notify),
+        "READY=1\nSTATUS=accepting mail",
+        "a small spool: no EXTEND_TIMEOUT_USEC before READY=1"
+    );
     // READY=1 means mail is accepted now.
     let reply = runtime().block_on(deliver(&daemon));
     assert_eq!(reply.code, 250, "{}", reply.text());
@@ -85,7 +90,91 @@ fn ready_reaches_an_abstract_notify_socket() {
         &[("NOTIFY_SOCKET", &format!("@{name}"))],
     )
     .unwrap();
-    assert_eq!(next_notification(&notify), "READY=1");
+    assert_eq!(next_notification(&notify), "READY=1\nSTATUS=accepting mail");
+    assert_eq!(daemon.terminate().unwrap().code(), Some(0));
+}
+
+/// Seeds `spool_dir` with `count` messages whose records are about 4.5 KB each (100
+/// recipients), so that their records take more than one 4 MiB batch of the index rebuild.
+fn seed_large_records(spool_dir: &std::path::Path, count: usize) {
+    let rcpt_to: Vec<String> = (0..100)
+        .map(|i| format!("recipient-number-{i:03}@a-rather-long-domain.example"))
+        .collect();
+    block_on(async {
+        let spool = lsmtpd::spool::Spool::open(&lsmtpd::config::SpoolConfig {
+            dir: spool_dir.to_path_buf(),
+            min_free_disk_bytes: 0,
+            ..Default::default()
+        })
+        .unwrap();
+        for _ in 0..count / 100 {
+            let mut accepts = tokio::task::JoinSet::new();
+            for _ in 0..100 {
+                let spool = spool.clone();
+                let msg = lsmtpd::spool::NewMessage {
+                    id: lsmtpd::spool::MessageId::new_v7(),
+                    received_at_ms: lsmtpd::spool::now_ms(),
+                    client_ip: "192.0.2.1".parse().unwrap(),
+                    helo: "seed.test".into(),
+                    tls: false,
+                    auth_user: None,
+                    mail_from: "sender@seed.test".into(),
+                    rcpt_to: rcpt_to.clone(),
+                    body: bytes::Bytes::from_static(b"Subject: seeded\r\n\r\nx\r\n"),
+                };
+                accepts.spawn(async move { spool.accept(msg).await });
+            }
+            while let Some(accepted) = accepts.join_next().await {
+                accepted.unwrap().unwrap();
+            }
+        }
+        drop(spool);
+    });
+}
+
+#[test]
+fn a_long_index_rebuild_extends_the_start_timeout_until_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let seeded = 1_500;
+    seed_large_records(&dir.path().join("spool"), seeded);
+    let notify_path = dir.path().join("notify");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    let daemon = Lsmtpd::start(
+        dir.path(),
+        &test_config(dir.path(), "", None),
+        &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())],
+    )
+    .unwrap();
+    let mut extensions = Vec::new();
+    loop {
+        let state = next_notification(&notify);
+        if state.starts_with("READY=1") {
+            break;
+        }
+        let read = state
+            .strip_prefix("EXTEND_TIMEOUT_USEC=30000000\nSTATUS=rebuilding the spool index: ")
+            .and_then(|rest| rest.strip_suffix(" messages read"))
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("before READY=1 only extensions; got {state:?}"));
+        extensions.push(read);
+    }
+    assert!(
+        !extensions.is_empty(),
+        "{seeded} records of ~4.5 KB take two batches: the second extends the start"
+    );
+    assert!(
+        extensions.windows(2).all(|w| w[0] < w[1]),
+        "each extension reports more records read: {extensions:?}"
+    );
+    assert_eq!(
+        extensions.last(),
+        Some(&(seeded as u64)),
+        "the last one counts them all"
+    );
+    assert!(
+        daemon.log_text().contains(&format!("queued={seeded}")),
+        "every seeded message is in the index"
+    );
     assert_eq!(daemon.terminate().unwrap().code(), Some(0));
 }
 
