@@ -848,3 +848,40 @@ proptest! {
 }
 
 mod v2;
+
+#[tokio::test]
+async fn many_read_backs_in_parallel_lease_in_order_and_a_damaged_one_is_held() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = cfg(tmp.path());
+    c.handoff_bytes = 0; // nothing from the hot set: every lease reads back
+    let spool = Spool::open(&c).unwrap();
+    let ms: Vec<NewMessage> = (0..40).map(|i| message(body_of(100 + i))).collect();
+    for m in &ms {
+        spool.accept(m.clone()).await.unwrap();
+    }
+    let damaged = ms[17].id;
+    spool
+        .db()
+        .open_tree("body")
+        .unwrap()
+        .remove(key::chunk_key(damaged, 0))
+        .unwrap();
+    let leases = spool.lease_due(u64::MAX, 40).unwrap();
+    let expected: Vec<&NewMessage> = ms.iter().filter(|m| m.id != damaged).collect();
+    assert_eq!(leases.len(), expected.len(), "all but the damaged one");
+    for (lease, m) in leases.iter().zip(&expected) {
+        assert_eq!(lease.id(), m.id, "oldest first, as picked");
+        assert_eq!(lease.body(), Some(&m.body), "each with its own body");
+    }
+    assert!(matches!(
+        spool.get(damaged).unwrap().unwrap().state,
+        State::Held {
+            reason: HoldReason::Unreadable,
+            ..
+        }
+    ));
+    assert_eq!(spool.stats().inflight, 39);
+    drop(leases);
+    assert_eq!(spool.stats().inflight, 0, "dropped leases are given back");
+    assert_eq!(spool.lease_due(u64::MAX, 40).unwrap().len(), 39);
+}
