@@ -43,8 +43,7 @@
 //! **hot set**: a just-accepted message's record and body, up to `spool.handoff_bytes`, handed to
 //! the forwarder by [`Spool::lease_due`] without reading it back. The spool is read back only
 //! after a restart, a defer, a hold, an unlease whose body was already taken, or when the hot
-//! set was full (8 or more read-backs of one `lease_due` on 4 threads at once: a drain from a
-//! spool larger than the page cache waits on the disk, not the CPU). [`Spool::complete`] needs no read and no decode: the lease carries the chunk
+//! set was full. [`Spool::complete`] needs no read and no decode: the lease carries the chunk
 //! count, state and size.
 //!
 //! # fsync rule (`commit.rs`, `fsync.rs`)

@@ -40,14 +40,6 @@ fn received_ms(id: MessageId, raw: Option<&[u8]>) -> u64 {
         .map_or_else(|| id.timestamp_ms(), |r| r.received_at_ms)
 }
 
-/// [`Spool::lease_due`] reads messages that are not in the hot set back on this many threads
-/// at once, when there are at least [`PARALLEL_LOAD_MIN`] of them.
-const LOAD_THREADS: usize = 4;
-const PARALLEL_LOAD_MIN: usize = 8;
-
-/// A picked message read back: `None` if it must not be leased after all.
-type LoadResult = Result<Option<(Record, Bytes)>, SpoolError>;
-
 /// The free-space figure is refreshed (one `statvfs`) when it is older than this…
 const DISK_FREE_MAX_AGE: Duration = Duration::from_secs(1);
 /// …or when this many bytes were accepted since (they are subtracted from it meanwhile)…
@@ -331,87 +323,34 @@ impl Spool {
     /// else read back. Leases are memory only: nothing is written. A record whose body chunks
     /// are missing is moved to `Held{Unreadable}` instead (logged).
     pub fn lease_due(&self, now_ms: u64, max: usize) -> Result<Vec<Lease>, SpoolError> {
-        let mut picked = self.index().pick_due(now_ms, max);
+        let picked = self.index().pick_due(now_ms, max);
         let weak = Arc::downgrade(&self.inner.index);
-        let keys: Vec<(MessageId, u64, bool)> = picked
-            .iter()
-            .map(|p| (p.id, p.due_ms, p.deferred))
-            .collect();
-        let mut results: Vec<Option<LoadResult>> = picked
-            .iter_mut()
-            .map(|p| p.hot.take().map(|hot| Ok(Some(hot))))
-            .collect();
-        let cold: Vec<(usize, Picked)> = picked
-            .into_iter()
-            .enumerate()
-            .filter(|(i, _)| results[*i].is_none())
-            .collect();
-        for (i, result) in self.load_all(cold) {
-            results[i] = Some(result);
-        }
-        let mut leases = Vec::with_capacity(keys.len());
-        let mut failed = None;
-        for ((id, due_ms, deferred), result) in keys.into_iter().zip(results) {
-            match result {
-                Some(Ok(Some((record, body)))) => {
-                    leases.push(Lease::new(record, body, weak.clone()));
-                }
-                Some(Ok(None)) => {}
-                Some(Err(e)) => {
-                    self.index().unpick(id, due_ms, deferred);
-                    failed.get_or_insert(e);
-                }
-                None => self.index().unpick(id, due_ms, deferred),
+        let mut leases = Vec::with_capacity(picked.len());
+        let mut picked = picked.into_iter();
+        while let Some(p) = picked.next() {
+            let (id, due_ms, deferred) = (p.id, p.due_ms, p.deferred);
+            match p.hot {
+                Some((record, body)) => leases.push(Lease::new(record, body, weak.clone())),
+                None => match self.load(p) {
+                    Ok(Some((record, body))) => leases.push(Lease::new(record, body, weak.clone())),
+                    Ok(None) => {}
+                    Err(e) => {
+                        let mut index = self.index();
+                        index.unpick(id, due_ms, deferred);
+                        for rest in picked {
+                            index.unpick(rest.id, rest.due_ms, rest.deferred);
+                        }
+                        return Err(e);
+                    }
+                },
             }
         }
-        match failed {
-            // Dropping the leases gives them back.
-            Some(e) => Err(e),
-            None => Ok(leases),
-        }
-    }
-
-    /// Reads picked messages back ([`Spool::load`]; each with its position), on
-    /// [`LOAD_THREADS`] threads at once when there are at least [`PARALLEL_LOAD_MIN`]: after a
-    /// restart on a backlog larger than the page cache every read waits for the disk, and one
-    /// read at a time held the drain to the disk's latency (BENCHMARKS.md).
-    fn load_all(&self, cold: Vec<(usize, Picked)>) -> Vec<(usize, LoadResult)> {
-        if cold.len() < PARALLEL_LOAD_MIN {
-            return cold.into_iter().map(|(i, p)| (i, self.load(p))).collect();
-        }
-        let per_thread = cold.len().div_ceil(LOAD_THREADS);
-        let mut chunks = Vec::with_capacity(LOAD_THREADS);
-        let mut rest = cold;
-        while !rest.is_empty() {
-            let tail = rest.split_off(per_thread.min(rest.len()));
-            chunks.push(std::mem::replace(&mut rest, tail));
-        }
-        std::thread::scope(|scope| {
-            let loaders: Vec<_> = chunks
-                .into_iter()
-                .map(|chunk| {
-                    scope.spawn(move || {
-                        chunk
-                            .into_iter()
-                            .map(|(i, p)| (i, self.load(p)))
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            loaders
-                .into_iter()
-                .flat_map(|loader| {
-                    loader
-                        .join()
-                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-                })
-                .collect()
-        })
+        Ok(leases)
     }
 
     /// Reads a picked message back; `None` if it must not be leased after all (the index is
     /// corrected).
-    fn load(&self, p: Picked) -> LoadResult {
+    fn load(&self, p: Picked) -> Result<Option<(Record, Bytes)>, SpoolError> {
         let id = p.id;
         let picked_state = if p.deferred {
             State::Deferred { due_ms: p.due_ms }

@@ -850,7 +850,7 @@ proptest! {
 mod v2;
 
 #[tokio::test]
-async fn many_read_backs_in_parallel_lease_in_order_and_a_damaged_one_is_held() {
+async fn many_read_backs_lease_in_order_and_a_damaged_one_is_held() {
     let tmp = tempfile::tempdir().unwrap();
     let mut c = cfg(tmp.path());
     c.handoff_bytes = 0; // nothing from the hot set: every lease reads back
