@@ -52,17 +52,24 @@ async fn deliver(daemon: &Lsmtpd) -> SmtpReply {
     .unwrap()
 }
 
-#[test]
-fn ready_after_start_and_stopping_on_sigterm_reach_notify_socket() {
-    let dir = tempfile::tempdir().unwrap();
-    let notify_path = dir.path().join("notify");
+/// Starts the daemon in `dir` on the test configuration with `NOTIFY_SOCKET` naming a socket
+/// bound in `dir`; returns that socket and the daemon.
+fn start_notifying(dir: &std::path::Path) -> (UnixDatagram, Lsmtpd) {
+    let notify_path = dir.join("notify");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
     let daemon = Lsmtpd::start(
-        dir.path(),
-        &test_config(dir.path(), "", None),
+        dir,
+        &test_config(dir, "", None),
         &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())],
     )
     .unwrap();
+    (notify, daemon)
+}
+
+#[test]
+fn ready_after_start_and_stopping_on_sigterm_reach_notify_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let (notify, daemon) = start_notifying(dir.path());
     assert_eq!(
         next_notification(&notify),
         "READY=1\nSTATUS=accepting mail",
@@ -137,14 +144,7 @@ fn a_long_index_rebuild_extends_the_start_timeout_until_ready() {
     let dir = tempfile::tempdir().unwrap();
     let seeded = 1_500;
     seed_large_records(&dir.path().join("spool"), seeded);
-    let notify_path = dir.path().join("notify");
-    let notify = UnixDatagram::bind(&notify_path).unwrap();
-    let daemon = Lsmtpd::start(
-        dir.path(),
-        &test_config(dir.path(), "", None),
-        &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())],
-    )
-    .unwrap();
+    let (notify, daemon) = start_notifying(dir.path());
     let mut extensions = Vec::new();
     loop {
         let state = next_notification(&notify);
