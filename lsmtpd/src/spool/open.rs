@@ -153,48 +153,56 @@ pub(crate) fn scan(
     let mut report = ScanReport::default();
     let mut last_reopen = std::time::Duration::ZERO;
     let mut reading_since = std::time::Instant::now();
+    let mut trees = (db.open_tree("msg")?, db.open_tree("body")?);
     loop {
-        let msg = db.open_tree("msg")?;
-        let body = db.open_tree("body")?;
-        let mut more = true;
-        while more {
-            let items = match &after {
-                None => msg.iter(),
-                Some(last) => msg.range::<&[u8], _>((
-                    std::ops::Bound::Excluded(last.as_ref()),
-                    std::ops::Bound::Unbounded,
-                )),
-            };
-            let mut read = 0u64;
-            more = false;
-            for item in items {
-                if read >= SCAN_BATCH_BYTES {
-                    more = true;
-                    break;
-                }
-                let (key, raw) = item?;
-                read += (key.len() + raw.len()) as u64;
-                report.records += 1;
-                scan_one(&mut index, &body, &key, &raw, now)?;
-                after = Some(key);
-            }
-            progress(report.records);
-            if more && reopen_due(reading_since.elapsed(), last_reopen) {
-                break;
-            }
-        }
+        let more = scan_batch(&mut index, &trees.0, &trees.1, &mut after, now, &mut report)?;
+        progress(report.records);
         if !more {
             report.elapsed = started.elapsed();
             return Ok((index, db, report));
         }
-        drop((msg, body));
-        let t = std::time::Instant::now();
-        db = reopen(cfg, db)?;
-        last_reopen = t.elapsed();
-        report.reopens += 1;
-        report.reopen_time += last_reopen;
-        reading_since = std::time::Instant::now();
+        if reopen_due(reading_since.elapsed(), last_reopen) {
+            drop(trees);
+            let t = std::time::Instant::now();
+            db = reopen(cfg, db)?;
+            last_reopen = t.elapsed();
+            report.reopens += 1;
+            report.reopen_time += last_reopen;
+            trees = (db.open_tree("msg")?, db.open_tree("body")?);
+            reading_since = std::time::Instant::now();
+        }
     }
+}
+
+/// Reads up to `SCAN_BATCH_BYTES` of records after `after` into `index`, moving `after` to the
+/// last key read. Returns whether records are left.
+fn scan_batch(
+    index: &mut Index,
+    msg: &Tree,
+    body: &Tree,
+    after: &mut Option<sled::IVec>,
+    now: u64,
+    report: &mut ScanReport,
+) -> Result<bool, SpoolError> {
+    let items = match after.as_ref() {
+        None => msg.iter(),
+        Some(last) => msg.range::<&[u8], _>((
+            std::ops::Bound::Excluded(last.as_ref()),
+            std::ops::Bound::Unbounded,
+        )),
+    };
+    let mut read = 0u64;
+    for item in items {
+        if read >= SCAN_BATCH_BYTES {
+            return Ok(true);
+        }
+        let (key, raw) = item?;
+        read += (key.len() + raw.len()) as u64;
+        report.records += 1;
+        scan_one(index, body, &key, &raw, now)?;
+        *after = Some(key);
+    }
+    Ok(false)
 }
 
 /// Whether the scan should close and reopen sled now, having read for `reading` since the last
