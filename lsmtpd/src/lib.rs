@@ -9,6 +9,7 @@
 //! graceful shutdown.
 
 pub mod admin;
+pub mod allocator;
 pub mod budget;
 pub mod config;
 pub mod exporter;

@@ -41,6 +41,10 @@ struct Args {
     print_config: bool,
 }
 
+/// glibc's allocator, keeping a few of sled's log buffers for reuse (`allocator.rs`).
+#[global_allocator]
+static ALLOCATOR: lsmtpd::allocator::Recycler = lsmtpd::allocator::Recycler::new();
+
 /// glibc's allocator, set before any thread starts: every allocation of 128 KiB or more (message
 /// bodies, payloads) is its own mapping, returned to the system when freed, instead of the
 /// dynamic threshold letting freed 8 MB bodies stay in the heap as fragments; and one arena
