@@ -68,7 +68,10 @@ impl Queue {
         // with the notify below.
         drop(queue);
 
-        self.cv.notify_all();
+        // lsmtpd: one job wakes one idle thread. notify_all woke all seven
+        // waiting threads for every log write, and six of them went back to
+        // sleep (see PATCHES.md).
+        self.cv.notify_one();
 
         len
     }
