@@ -6,6 +6,7 @@
 
 pub mod amqp;
 pub mod cluster;
+pub mod kill;
 pub mod load;
 pub mod tls;
 

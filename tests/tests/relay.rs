@@ -5,12 +5,12 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lsmtp_e2e::amqp::{
     consume, consume_until_all, declare_queue, negotiated_frame_max, tally, Mode, Proxy, Vhost,
 };
+use lsmtp_e2e::kill::{send_until_killed, KillPoint};
 use lsmtp_e2e::*;
 
 /// Declares the queue as the daemon declares it (durable classic), so a consumer can start
@@ -335,64 +335,19 @@ fn sigkill_while_sending_and_publishing_loses_nothing() {
         "",
         Some(&amqp_section(&vhost, "127.0.0.1:5672")),
     );
-    let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
-    for round in 0..4usize {
-        let d = Lsmtpd::start(dir.path(), &cfg, &[]).unwrap();
-        let addr = d.addr;
-        let acked_round = Arc::clone(&acked);
-        // Kill after a different number of acknowledgements each round.
-        let kill_after = [30usize, 7, 55, 18][round];
-        block_on(async move {
-            let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
-            let mut tasks = Vec::new();
-            for client in 0..6 {
-                let acked = Arc::clone(&acked_round);
-                let tx = tx.clone();
-                tasks.push(tokio::spawn(async move {
-                    let Ok((mut c, _)) = RawClient::connect(addr).await else {
-                        return;
-                    };
-                    if c.cmd("EHLO kill.test").await.is_err() {
-                        return;
-                    }
-                    let mut mine = 0;
-                    for n in 0.. {
-                        let body = format!(
-                            "Subject: r{round} c{client} n{n}\r\n\r\n{}",
-                            format!("{}\r\n", "k".repeat(98)).repeat(20)
-                        );
-                        match c
-                            .send_message(
-                                "k@example.org",
-                                &["r@example.net"],
-                                &stuff(body.as_bytes()),
-                            )
-                            .await
-                        {
-                            Ok(r) if r.code == 250 => {
-                                acked.lock().unwrap().insert(queued_id(&r).unwrap());
-                                mine += 1;
-                                if mine * 6 >= kill_after {
-                                    let _ = tx.try_send(());
-                                }
-                            }
-                            Ok(r) => panic!("unexpected reply {r:?}"),
-                            Err(_) => return,
-                        }
-                    }
-                }));
-            }
-            drop(tx);
-            rx.recv().await;
-            d.kill9().unwrap();
-            for t in tasks {
-                t.await.unwrap();
-            }
-        });
-    }
+    // Kill after a different number of acknowledgements each round.
+    let points = [30usize, 7, 55, 18].map(|after_acks| KillPoint {
+        after_acks,
+        delay: Duration::ZERO,
+    });
+    let acked = send_until_killed(dir.path(), &cfg, &points, |round, client, n| {
+        format!(
+            "Subject: r{round} c{client} n{n}\r\n\r\n{}",
+            format!("{}\r\n", "k".repeat(98)).repeat(20)
+        )
+    });
     // A last run drains the spool.
     let d = Lsmtpd::start(dir.path(), &cfg, &[]).unwrap();
-    let acked = acked.lock().unwrap().clone();
     let got = block_on(async {
         let (_conn, ch) = vhost.admin().await;
         consume_until_all(&ch, "mail", &acked, Duration::from_secs(120)).await

@@ -6,11 +6,10 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lsmtp_e2e::amqp::{consume_until_all, declare_queue, tally, Vhost};
+use lsmtp_e2e::kill::{send_until_killed, KillPoint};
 use lsmtp_e2e::*;
 
 fn amqp_section(vhost: &Vhost) -> String {
@@ -54,76 +53,24 @@ fn sigkill_at_random_points_of_accept_and_removal_loses_nothing() {
     });
     let dir = tempfile::tempdir().unwrap();
     let cfg = test_config(dir.path(), "", Some(&amqp_section(&vhost)));
-    let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
-    for round in 0..6usize {
-        let d = Lsmtpd::start(dir.path(), &cfg, &[]).unwrap();
-        let addr = d.addr;
-        let acked_round = Arc::clone(&acked);
-        let before = acked.lock().unwrap().len();
-        // Kill after a random number of acknowledgements, then a random delay of up to 20 ms,
-        // so that the kill lands anywhere in the accept and removal paths.
-        let kill_after = before + 5 + rng.next(60) as usize;
-        let delay = Duration::from_micros(rng.next(20_000));
-        eprintln!(
-            "round {round}: kill after {} acks + {delay:?}",
-            kill_after - before
-        );
-        block_on(async move {
-            let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
-            let mut tasks = Vec::new();
-            for client in 0..6usize {
-                let acked = Arc::clone(&acked_round);
-                let tx = tx.clone();
-                tasks.push(tokio::spawn(async move {
-                    let Ok((mut c, _)) = RawClient::connect(addr).await else {
-                        return;
-                    };
-                    if c.cmd("EHLO kill.test").await.is_err() {
-                        return;
-                    }
-                    for n in 0usize.. {
-                        // Small, one-chunk and multi-chunk (> 32 KiB) bodies.
-                        let lines = [5, 300, 900][(client + n) % 3];
-                        let body = format!(
-                            "Subject: r{round} c{client} n{n}\r\n\r\n{}",
-                            format!("{}\r\n", "k".repeat(98)).repeat(lines)
-                        );
-                        match c
-                            .send_message(
-                                "k@example.org",
-                                &["r@example.net"],
-                                &stuff(body.as_bytes()),
-                            )
-                            .await
-                        {
-                            Ok(r) if r.code == 250 => {
-                                let total = {
-                                    let mut a = acked.lock().unwrap();
-                                    a.insert(queued_id(&r).unwrap());
-                                    a.len()
-                                };
-                                if total >= kill_after {
-                                    let _ = tx.try_send(());
-                                }
-                            }
-                            Ok(r) => panic!("unexpected reply {r:?}"),
-                            Err(_) => return,
-                        }
-                    }
-                }));
-            }
-            drop(tx);
-            rx.recv().await;
-            tokio::time::sleep(delay).await;
-            d.kill9().unwrap();
-            for t in tasks {
-                t.await.unwrap();
-            }
-        });
-    }
+    // Kill after a random number of acknowledgements, then a random delay of up to 20 ms, so
+    // that the kill lands anywhere in the accept and removal paths.
+    let points: Vec<KillPoint> = (0..6)
+        .map(|_| KillPoint {
+            after_acks: 5 + rng.next(60) as usize,
+            delay: Duration::from_micros(rng.next(20_000)),
+        })
+        .collect();
+    let acked = send_until_killed(dir.path(), &cfg, &points, |round, client, n| {
+        // Small, one-chunk and multi-chunk (> 32 KiB) bodies.
+        let lines = [5, 300, 900][(client + n) % 3];
+        format!(
+            "Subject: r{round} c{client} n{n}\r\n\r\n{}",
+            format!("{}\r\n", "k".repeat(98)).repeat(lines)
+        )
+    });
     // A last run drains the spool.
     let d = Lsmtpd::start(dir.path(), &cfg, &[]).unwrap();
-    let acked = acked.lock().unwrap().clone();
     let got = block_on(async {
         let (_conn, ch) = vhost.admin().await;
         consume_until_all(&ch, "mail", &acked, Duration::from_secs(120)).await
