@@ -1,15 +1,12 @@
 //! SIGKILL rounds for the crash tests: a daemon per round on the same spool, clients sending
 //! until it dies, a `kill -9` once enough messages got their `250`.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::{block_on, queued_id, stuff, Lsmtpd, RawClient};
-
-/// How many clients send in every round, one connection each.
-pub const CLIENTS: usize = 6;
 
 /// When one round's daemon is killed: once `after_acks` messages got a `250` in that round, then
 /// after `delay`.
@@ -19,16 +16,23 @@ pub struct KillPoint {
     pub delay: Duration,
 }
 
-/// Runs one daemon per kill point on `dir` with config `cfg`. In each round [`CLIENTS`] clients
-/// send `body(round, client, n)` (unstuffed text, a message each) from `k@example.org` to
-/// `r@example.net` until their connection dies; the daemon gets SIGKILL at the round's point.
-/// Returns the queue id of every message that got a `250`, over all rounds. Panics on any reply
-/// to DATA other than `250` (a crash test expects no refusal).
-pub fn send_until_killed<B>(dir: &Path, cfg: &str, points: &[KillPoint], body: B) -> HashSet<String>
+/// Runs one daemon per kill point on `dir` with config `cfg`. In each round `clients` clients
+/// (one connection each) send `body(round, client, n)` (unstuffed text, a message each) from
+/// `k@example.org` to `r@example.net` until their connection dies; the daemon gets SIGKILL at
+/// the round's point. Returns every message that got a `250`, over all rounds: its queue id and
+/// the body sent. Panics on any reply to DATA other than `250` (a crash test expects no
+/// refusal).
+pub fn send_until_killed<B>(
+    dir: &Path,
+    cfg: &str,
+    clients: usize,
+    points: &[KillPoint],
+    body: B,
+) -> HashMap<String, String>
 where
     B: Fn(usize, usize, usize) -> String + Send + Sync + 'static,
 {
-    let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let acked: Arc<Mutex<HashMap<String, String>>> = Arc::default();
     let body = Arc::new(body);
     for (round, point) in points.iter().enumerate() {
         let d = Lsmtpd::start(dir, cfg, &[]).expect("daemon starts");
@@ -41,7 +45,7 @@ where
         block_on(async {
             let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
             let mut tasks = Vec::new();
-            for client in 0..CLIENTS {
+            for client in 0..clients {
                 let (acked, this_round, body, tx) = (
                     Arc::clone(&acked),
                     Arc::clone(&this_round),
@@ -68,7 +72,7 @@ where
                         {
                             Ok(r) if r.code == 250 => {
                                 let id = queued_id(&r).expect("a 250 names the queue id");
-                                acked.lock().expect("not poisoned").insert(id);
+                                acked.lock().expect("not poisoned").insert(id, text);
                                 let mut count = this_round.lock().expect("not poisoned");
                                 *count += 1;
                                 if *count >= after {

@@ -3,8 +3,9 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use lsmtp_e2e::kill::{send_until_killed, KillPoint};
 use lsmtp_e2e::*;
 
 #[test]
@@ -71,64 +72,17 @@ fn two_hundred_concurrent_connections_each_deliver_a_message() {
 fn every_250_survives_sigkill_byte_exact() {
     let dir = tempfile::tempdir().unwrap();
     let config = test_config(dir.path(), "", None);
-    let acked: Arc<Mutex<HashMap<String, Vec<u8>>>> = Arc::default();
-    for round in 0..3 {
-        let d = Lsmtpd::start(dir.path(), &config, &[]).unwrap();
-        let addr = d.addr;
-        let acked_round = Arc::clone(&acked);
-        block_on(async move {
-            let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
-            let mut tasks = Vec::new();
-            for client in 0..8 {
-                let acked = Arc::clone(&acked_round);
-                let tx = tx.clone();
-                tasks.push(tokio::spawn(async move {
-                    let Ok((mut c, _)) = RawClient::connect(addr).await else {
-                        return;
-                    };
-                    if c.cmd("EHLO crash.test").await.is_err() {
-                        return;
-                    }
-                    for n in 0.. {
-                        let body = format!(
-                            "Subject: r{round} c{client} n{n}\r\n\r\n{}\r\n",
-                            format!("{round}-{client}-{n} line\r\n").repeat(50 + n % 200)
-                        );
-                        match c
-                            .send_message(
-                                "k@example.org",
-                                &["r@example.net"],
-                                &stuff(body.as_bytes()),
-                            )
-                            .await
-                        {
-                            Ok(r) if r.code == 250 => {
-                                let id = queued_id(&r).unwrap();
-                                let total = {
-                                    let mut a = acked.lock().unwrap();
-                                    a.insert(id, body.into_bytes());
-                                    a.len()
-                                };
-                                if total >= 40 * (round + 1) {
-                                    let _ = tx.try_send(());
-                                }
-                            }
-                            Ok(r) => panic!("unexpected reply {r:?}"),
-                            Err(_) => return, // the daemon died under us
-                        }
-                    }
-                }));
-            }
-            drop(tx);
-            // Kill once enough messages were acknowledged in this round, while clients still send.
-            rx.recv().await;
-            d.kill9().unwrap();
-            for t in tasks {
-                t.await.unwrap();
-            }
-        });
-    }
-    let acked = acked.lock().unwrap();
+    // Kill once 40 more messages were acknowledged in a round, while clients still send.
+    let points = [KillPoint {
+        after_acks: 40,
+        delay: Duration::ZERO,
+    }; 3];
+    let acked = send_until_killed(dir.path(), &config, 8, &points, |round, client, n| {
+        format!(
+            "Subject: r{round} c{client} n{n}\r\n\r\n{}\r\n",
+            format!("{round}-{client}-{n} line\r\n").repeat(50 + n % 200)
+        )
+    });
     assert!(acked.len() >= 120, "only {} acknowledged", acked.len());
     let stored = spool_contents(&dir.path().join("spool")).unwrap();
     let by_id: HashMap<String, &bytes::Bytes> =
@@ -136,7 +90,11 @@ fn every_250_survives_sigkill_byte_exact() {
     let mut missing = 0;
     for (id, body) in acked.iter() {
         match by_id.get(id) {
-            Some(stored) => assert_eq!(strip_received(stored).unwrap(), &body[..], "{id} differs"),
+            Some(stored) => assert_eq!(
+                strip_received(stored).unwrap(),
+                body.as_bytes(),
+                "{id} differs"
+            ),
             None => missing += 1,
         }
     }

@@ -6,6 +6,7 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use lsmtp_e2e::amqp::{consume_until_all, declare_queue, tally, Vhost};
@@ -61,14 +62,16 @@ fn sigkill_at_random_points_of_accept_and_removal_loses_nothing() {
             delay: Duration::from_micros(rng.next(20_000)),
         })
         .collect();
-    let acked = send_until_killed(dir.path(), &cfg, &points, |round, client, n| {
+    let acked = send_until_killed(dir.path(), &cfg, 6, &points, |round, client, n| {
         // Small, one-chunk and multi-chunk (> 32 KiB) bodies.
         let lines = [5, 300, 900][(client + n) % 3];
         format!(
             "Subject: r{round} c{client} n{n}\r\n\r\n{}",
             format!("{}\r\n", "k".repeat(98)).repeat(lines)
         )
-    });
+    })
+    .into_keys()
+    .collect::<HashSet<String>>();
     // A last run drains the spool.
     let d = Lsmtpd::start(dir.path(), &cfg, &[]).unwrap();
     let got = block_on(async {
