@@ -37,7 +37,7 @@ where
     for (round, point) in points.iter().enumerate() {
         let d = Lsmtpd::start(dir, cfg, &[]).expect("daemon starts");
         let addr = d.addr;
-        let this_round: Arc<Mutex<usize>> = Arc::default();
+        let kill_at = acked.lock().expect("not poisoned").len() + point.after_acks;
         eprintln!(
             "round {round}: kill after {} acks + {:?}",
             point.after_acks, point.delay
@@ -46,13 +46,7 @@ where
             let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
             let mut tasks = Vec::new();
             for client in 0..clients {
-                let (acked, this_round, body, tx) = (
-                    Arc::clone(&acked),
-                    Arc::clone(&this_round),
-                    Arc::clone(&body),
-                    tx.clone(),
-                );
-                let after = point.after_acks;
+                let (acked, body, tx) = (Arc::clone(&acked), Arc::clone(&body), tx.clone());
                 tasks.push(tokio::spawn(async move {
                     let Ok((mut c, _)) = RawClient::connect(addr).await else {
                         return;
@@ -72,10 +66,12 @@ where
                         {
                             Ok(r) if r.code == 250 => {
                                 let id = queued_id(&r).expect("a 250 names the queue id");
-                                acked.lock().expect("not poisoned").insert(id, text);
-                                let mut count = this_round.lock().expect("not poisoned");
-                                *count += 1;
-                                if *count >= after {
+                                let total = {
+                                    let mut a = acked.lock().expect("not poisoned");
+                                    a.insert(id, text);
+                                    a.len()
+                                };
+                                if total >= kill_at {
                                     let _ = tx.try_send(());
                                 }
                             }
