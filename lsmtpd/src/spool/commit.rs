@@ -39,6 +39,18 @@ struct Queue {
     shutdown: bool,
     /// At shutdown: flush once more (false once sled is poisoned: its flush may hang).
     final_flush: bool,
+    /// The thread waits on the condition variable and nobody has woken it yet. Writers notify
+    /// only then: a notify is a `futex` system call even when nobody waits, and one per accepted
+    /// message was a quarter of the daemon's `futex` calls (BENCHMARKS.md). No wakeup is lost:
+    /// the thread looks at the queue under the lock before it sets this and sleeps.
+    sleeping: bool,
+}
+
+impl Queue {
+    /// Whether the caller must notify the thread (once per sleep: the first caller clears it).
+    fn take_sleeping(&mut self) -> bool {
+        std::mem::take(&mut self.sleeping)
+    }
 }
 
 struct Shared {
@@ -85,14 +97,17 @@ impl GroupCommit {
     /// Cancel-safe: dropping the future only stops waiting; the flush still happens.
     pub(crate) async fn wait(&self) -> Result<(), SpoolError> {
         let (tx, rx) = oneshot::channel();
-        {
+        let wake = {
             let mut queue = self.shared.lock();
             if queue.shutdown {
                 return Err(closed());
             }
             queue.waiters.push(tx);
+            queue.take_sleeping()
+        };
+        if wake {
+            self.shared.wake.notify_one();
         }
-        self.shared.wake.notify_one();
         match tokio::time::timeout(FLUSH_TIMEOUT, rx).await {
             Ok(Ok(result)) => result.map_err(SpoolError::from),
             Ok(Err(_)) => Err(closed()),
@@ -102,13 +117,13 @@ impl GroupCommit {
 
     /// A change was written that nobody waits to be durable: flush it within [`LAZY_DELAY`].
     pub(crate) fn dirty(&self) {
-        let first = {
+        let wake = {
             let mut queue = self.shared.lock();
             let first = queue.dirty_since.is_none();
             queue.dirty_since.get_or_insert_with(Instant::now);
-            first
+            first && queue.take_sleeping()
         };
-        if first {
+        if wake {
             self.shared.wake.notify_one();
         }
     }
@@ -177,14 +192,19 @@ fn run(shared: &Shared, mut syncer: Syncer) -> bool {
                         if left.is_zero() {
                             break;
                         }
+                        queue.sleeping = true;
                         queue = shared
                             .wake
                             .wait_timeout(queue, left)
                             .unwrap_or_else(|e| e.into_inner())
                             .0;
                     }
-                    None => queue = shared.wake.wait(queue).unwrap_or_else(|e| e.into_inner()),
+                    None => {
+                        queue.sleeping = true;
+                        queue = shared.wake.wait(queue).unwrap_or_else(|e| e.into_inner());
+                    }
                 }
+                queue.sleeping = false;
             }
             // This flush covers every change made before it starts.
             queue.dirty_since = None;

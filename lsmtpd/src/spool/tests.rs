@@ -478,6 +478,35 @@ async fn concurrent_accepts_share_group_commits() {
     assert_eq!(spool.stats().queued, 100);
 }
 
+/// Writers wake the flusher only while it sleeps (`commit.rs`): a writer that registers just as
+/// the flusher goes back to sleep must still get its flush. Thousands of accepts in a row from
+/// a few writers each land on that moment many times; a lost wakeup would leave one waiting
+/// for the 60 s flush timeout, so every accept must be answered well within 30 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_writer_waits_for_a_flusher_that_went_to_sleep() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&cfg(tmp.path())).unwrap();
+    let writers: Vec<_> = (0..3)
+        .map(|_| {
+            let spool = spool.clone();
+            tokio::spawn(async move {
+                for _ in 0..700 {
+                    let accepted = tokio::time::timeout(
+                        std::time::Duration::from_secs(30),
+                        spool.accept(message(body_of(64))),
+                    )
+                    .await;
+                    assert!(matches!(accepted, Ok(Ok(()))), "{accepted:?}");
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    assert_eq!(spool.stats().queued, 2100);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_id_accepted_twice_is_a_conflict_and_the_first_body_stays() {
     let tmp = tempfile::tempdir().unwrap();
