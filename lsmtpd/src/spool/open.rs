@@ -1,5 +1,5 @@
 //! Opening: the directory lock, sled, the clean-shutdown marker, the v1 upgrade, and the scan
-//! of the `msg` tree (in batches, sled reopened between them) that rebuilds the in-memory index.
+//! of the `msg` tree (in batches, reporting progress) that rebuilds the in-memory index.
 
 use std::fs::File;
 use std::path::Path;
@@ -27,7 +27,7 @@ pub(crate) fn lock_and_open(cfg: &SpoolConfig) -> Result<(File, sled::Db), Spool
 
 /// A lock held by something that is going away is retried for a short while before it counts
 /// as `Locked`: a `Spool` just dropped in this process (sled's background I/O threads let go
-/// of its files a little after the drop; also our own [`reopen`]), and lock files inherited by
+/// of its files a little after the drop), and lock files inherited by
 /// a child process this process is spawning (they stay open between its fork and its exec). A
 /// live daemon holding the spool still fails the open, two seconds later.
 fn retrying_while_locked<T>(
@@ -58,29 +58,6 @@ fn open_sled(cfg: &SpoolConfig) -> Result<sled::Db, SpoolError> {
             other => SpoolError::Storage(other),
         })
 }
-
-/// Closes `db` (flushed) and opens it again, under the directory lock the caller keeps, to let
-/// go of the pages a scan read; then asks the allocator to return the freed memory.
-pub(crate) fn reopen(cfg: &SpoolConfig, db: sled::Db) -> Result<sled::Db, SpoolError> {
-    db.flush()?;
-    drop(db);
-    let db = retrying_while_locked(|| open_sled(cfg))?;
-    release_freed_memory();
-    Ok(db)
-}
-
-/// glibc keeps freed heap memory mapped; `malloc_trim` hands whole free pages back.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[allow(unsafe_code)]
-fn release_freed_memory() {
-    // SAFETY: malloc_trim only releases free memory of the allocator; any thread may call it.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn release_freed_memory() {}
 
 /// Takes an exclusive `flock` on `dir/lock` (released when the file is closed). flock locks
 /// belong to the open file description, so a second `Spool::open` in the same process conflicts
@@ -120,103 +97,51 @@ pub(crate) fn write_clean_marker(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// The open scan reads `msg` in batches of about this many bytes of records ([`scan`]).
+/// The open scan reports progress after about this many bytes of records ([`scan`]).
 pub(crate) const SCAN_BATCH_BYTES: u64 = 4 * 1024 * 1024;
 
-/// Between two batches sled is closed and reopened only once the scan has spent this many
-/// times the last reopen's duration reading since it ([`reopen_due`]).
-pub(crate) const SCAN_TIME_PER_REOPEN: u32 = 2;
-
-/// Rebuilds the in-memory index from one scan of `msg`, in batches of [`SCAN_BATCH_BYTES`];
-/// returns the database to go on with. `progress` is called after every batch with the number
-/// of records read so far (the daemon tells systemd that startup goes on).
+/// Rebuilds the in-memory index from one scan of `msg`.
+/// `progress` is called after every [`SCAN_BATCH_BYTES`] of records read and at the end (at
+/// least once), with the number of records read so far (the daemon tells
+/// systemd that startup goes on).
 ///
-/// Why batches and reopens: sled 0.34 keeps the pages a scan read in memory far beyond
-/// `cache_capacity` (its cache notices an access only once 64 have queued up for one of its 256
-/// shards), so one scan of a 200,000-message spool held ~40 MiB of sled nodes, and the drain
-/// after it grew on the fragments they left (a restart on that backlog peaked at 95 MiB,
-/// BENCHMARKS.md). Closing the database frees them. But a reopen rebuilds sled's page table
-/// for the whole database: ~30 ms on a 1.6 GB spool, ~300 ms on 8 GB (1,000,000 messages),
-/// where a reopen after every batch made 22 s of a 27 s scan. So sled is reopened only when
-/// the reading since the last reopen took [`SCAN_TIME_PER_REOPEN`] times as long as that
-/// reopen did: reopening costs at most a third of the scan, and what the scan holds between
-/// two reopens grows only where a reopen is dear, on large spools.
+/// What the scan reads stays within sled's cache (`cache_capacity`): sled's page cache, patched
+/// to one LRU shard (`vendor/sled/PATCHES.md`, 3), evicts as it goes. Before that patch it
+/// noticed accesses only once 64 had queued up for one of its 256 shards, a scan held far more
+/// than the cache, and the scan closed and reopened sled between batches to let go of it
+/// (BENCHMARKS.md, "sled's cache, one shard").
 pub(crate) fn scan(
     cfg: &SpoolConfig,
-    mut db: sled::Db,
+    db: &sled::Db,
     progress: &mut dyn FnMut(u64),
-) -> Result<(Index, sled::Db, ScanReport), SpoolError> {
+) -> Result<(Index, ScanReport), SpoolError> {
     let mut index = Index::new(cfg.handoff_bytes);
-    let mut after: Option<sled::IVec> = None;
     let now = now_ms();
     let started = std::time::Instant::now();
     let mut report = ScanReport::default();
-    let mut last_reopen = std::time::Duration::ZERO;
-    let mut reading_since = std::time::Instant::now();
-    let mut trees = (db.open_tree("msg")?, db.open_tree("body")?);
-    loop {
-        let more = scan_batch(&mut index, &trees.0, &trees.1, &mut after, now, &mut report)?;
-        progress(report.records);
-        if !more {
-            report.elapsed = started.elapsed();
-            return Ok((index, db, report));
-        }
-        if reopen_due(reading_since.elapsed(), last_reopen) {
-            drop(trees);
-            let t = std::time::Instant::now();
-            db = reopen(cfg, db)?;
-            last_reopen = t.elapsed();
-            report.reopens += 1;
-            report.reopen_time += last_reopen;
-            trees = (db.open_tree("msg")?, db.open_tree("body")?);
-            reading_since = std::time::Instant::now();
-        }
-    }
-}
-
-/// Reads up to `SCAN_BATCH_BYTES` of records after `after` into `index`, moving `after` to the
-/// last key read. Returns whether records are left.
-fn scan_batch(
-    index: &mut Index,
-    msg: &Tree,
-    body: &Tree,
-    after: &mut Option<sled::IVec>,
-    now: u64,
-    report: &mut ScanReport,
-) -> Result<bool, SpoolError> {
-    let items = match after.as_ref() {
-        None => msg.iter(),
-        Some(last) => msg.range::<&[u8], _>((
-            std::ops::Bound::Excluded(last.as_ref()),
-            std::ops::Bound::Unbounded,
-        )),
-    };
-    let mut read = 0u64;
-    for item in items {
-        if read >= SCAN_BATCH_BYTES {
-            return Ok(true);
-        }
+    let (msg, body) = (db.open_tree("msg")?, db.open_tree("body")?);
+    let mut batch = 0u64;
+    for item in msg.iter() {
         let (key, raw) = item?;
-        read += (key.len() + raw.len()) as u64;
         report.records += 1;
-        scan_one(index, body, &key, &raw, now)?;
-        *after = Some(key);
+        scan_one(&mut index, &body, &key, &raw, now)?;
+        batch += (key.len() + raw.len()) as u64;
+        if batch >= SCAN_BATCH_BYTES {
+            progress(report.records);
+            batch = 0;
+        }
     }
-    Ok(false)
-}
-
-/// Whether the scan should close and reopen sled now, having read for `reading` since the last
-/// reopen, which took `last_reopen` (zero before the first). Pure.
-pub(crate) fn reopen_due(reading: std::time::Duration, last_reopen: std::time::Duration) -> bool {
-    reading >= last_reopen * SCAN_TIME_PER_REOPEN
+    if batch > 0 || report.records == 0 {
+        progress(report.records);
+    }
+    report.elapsed = started.elapsed();
+    Ok((index, report))
 }
 
 /// What one open scan did, for the `spool_opened` log line.
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct ScanReport {
     pub records: u64,
-    pub reopens: u32,
-    pub reopen_time: std::time::Duration,
     pub elapsed: std::time::Duration,
 }
 
@@ -248,26 +173,4 @@ fn scan_one(
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
-
-    #[test]
-    fn the_first_reopen_comes_after_the_first_batch() {
-        assert!(reopen_due(Duration::ZERO, Duration::ZERO));
-    }
-
-    #[test]
-    fn a_dear_reopen_waits_for_that_many_times_its_duration_of_reading() {
-        let reopen = Duration::from_millis(300);
-        assert!(!reopen_due(Duration::from_millis(599), reopen));
-        assert!(reopen_due(Duration::from_millis(600), reopen));
-        assert!(reopen_due(
-            Duration::from_millis(30),
-            Duration::from_millis(5)
-        ));
-    }
 }

@@ -122,7 +122,7 @@ impl Spool {
         let sled_open = started.elapsed();
         let clean = super::open::take_clean_marker(dir)?;
         super::upgrade::v1_to_v2(&db)?;
-        let (index, db, scan) = super::open::scan(cfg, db, progress)?;
+        let (index, scan) = super::open::scan(cfg, &db, progress)?;
         let msg = db.open_tree("msg")?;
         let body = db.open_tree("body")?;
         let stats = index.stats();
@@ -141,8 +141,6 @@ impl Spool {
             clean,
             scanned = scan.records,
             scan_ms = scan.elapsed.as_millis() as u64,
-            reopens = scan.reopens,
-            reopen_ms = scan.reopen_time.as_millis() as u64,
             sled_open_ms = sled_open.as_millis() as u64,
             open_ms = started.elapsed().as_millis() as u64,
             "spool_opened"

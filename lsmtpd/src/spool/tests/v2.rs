@@ -343,9 +343,9 @@ fn the_reader_shows_a_v1_spool_and_changes_nothing() {
     assert!(!c.dir.join(CLEAN_MARKER).exists());
 }
 
-/// An open whose scan reads more than `SCAN_BATCH_BYTES` of records goes on in batches, closing
-/// and reopening sled between them: the spool that comes out of it holds every message once,
-/// reads bodies back, removes, persists, and still holds the directory lock.
+/// An open whose scan reads more than `SCAN_BATCH_BYTES` of records goes on in batches,
+/// reporting progress after each: the spool that comes out of it holds every message once,
+/// reads bodies back, removes, persists, and holds the directory lock.
 #[tokio::test]
 async fn an_open_scan_in_batches_keeps_every_message_and_the_lock() {
     let tmp = tempfile::tempdir().unwrap();
@@ -382,7 +382,7 @@ async fn an_open_scan_in_batches_keeps_every_message_and_the_lock() {
     assert_eq!(spool.stats().bytes, 100 * ids.len() as u64);
     assert!(
         matches!(Spool::open(&c), Err(SpoolError::Locked { .. })),
-        "the directory lock is kept across the reopens"
+        "the directory lock is held"
     );
     let leases = spool.lease_due(u64::MAX, 3).unwrap();
     let leased: Vec<MessageId> = leases.iter().map(|l| l.id()).collect();
@@ -391,7 +391,7 @@ async fn an_open_scan_in_batches_keeps_every_message_and_the_lock() {
         assert_eq!(
             lease.body(),
             Some(&body_of(100)),
-            "read back from the reopened sled"
+            "read back after the scan"
         );
     }
     spool.complete(leases).await.unwrap();
