@@ -434,6 +434,21 @@ mod tests {
     }
 
     #[test]
+    fn spool_cache_bytes_must_be_at_least_one_mib() {
+        for (value, ok) in [(0, false), (1048575, false), (1048576, true)] {
+            let mut c = Config::default();
+            c.spool.cache_bytes = value;
+            match c.validate() {
+                Ok(()) => assert!(ok, "{value} accepted"),
+                Err(errs) => {
+                    assert!(!ok, "{value} refused: {errs:?}");
+                    assert_eq!(errs[0].setting, "spool.cache_bytes");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn max_line_bytes_is_zero_or_at_least_the_rfc_minimum() {
         for (value, ok) in [
             (0, true),

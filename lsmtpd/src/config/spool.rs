@@ -37,11 +37,21 @@ impl Default for SpoolConfig {
     }
 }
 
+/// The smallest `cache_bytes` accepted: sled's cache must hold at least a few leaves of the
+/// body tree (up to 16 chunks of up to 32 KiB each), and sled panics on a cache of 0 bytes.
+pub const MIN_CACHE_BYTES: u64 = 1024 * 1024;
+
 impl SpoolConfig {
     /// Pushes one problem per broken rule. `max_message_bytes` is `smtp.max_message_bytes`.
     pub fn validate(&self, max_message_bytes: u64, p: &mut Vec<Problem>) {
         if self.dir.as_os_str().is_empty() {
             p.push(Problem::new("spool.dir", "must not be empty"));
+        }
+        if self.cache_bytes < MIN_CACHE_BYTES {
+            p.push(Problem::new(
+                "spool.cache_bytes",
+                format!("must be at least {MIN_CACHE_BYTES} (1 MiB)"),
+            ));
         }
         if self.max_bytes < max_message_bytes {
             p.push(Problem::new(
