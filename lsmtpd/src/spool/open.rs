@@ -2,15 +2,18 @@
 //! of the `msg` tree (in batches, reporting progress) that rebuilds the in-memory index.
 
 use std::fs::File;
+use std::ops::Bound;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 
 use sled::Tree;
 
 use super::index::{Index, Unreadable};
 use super::key::decode_msg_key;
 use super::reader::body_extent;
-use super::record;
-use super::{now_ms, SpoolError};
+use super::record::{self, State};
+use super::{now_ms, MessageId, SpoolError};
 use crate::config::SpoolConfig;
 
 /// Written (and fsync'd) by a clean shutdown after the last durable flush; removed (durably) by
@@ -100,10 +103,23 @@ pub(crate) fn write_clean_marker(dir: &Path) -> std::io::Result<()> {
 /// The open scan reports progress after about this many bytes of records ([`scan`]).
 pub(crate) const SCAN_BATCH_BYTES: u64 = 4 * 1024 * 1024;
 
+/// How many threads read the `msg` tree at open, each its own range of ids ([`scan`]).
+pub(crate) const SCAN_THREADS: usize = 4;
+
+/// Records a reading thread hands over at a time.
+const SCAN_CHUNK: usize = 1024;
+
 /// Rebuilds the in-memory index from one scan of `msg`.
 /// `progress` is called after every [`SCAN_BATCH_BYTES`] of records read and at the end (at
-/// least once), with the number of records read so far (the daemon tells
-/// systemd that startup goes on).
+/// least once), with the number of records read so far (the daemon tells systemd that startup
+/// goes on).
+///
+/// [`SCAN_THREADS`] threads read the tree, each the ids of one slice of the time between the
+/// first and the last id ([`split_keys`]: ids are UUIDv7, so key order is arrival order), and
+/// hand what they decoded to this thread, which alone fills the index. The records lie between
+/// the bodies all over sled's log, so on a cold page cache the scan waits for the disk, one read
+/// at a time with one reader (a million messages: 12.4 s cold against 2.4 µs per record warm,
+/// BENCHMARKS.md); several readers keep several reads in flight.
 ///
 /// What the scan reads stays within sled's cache (`cache_capacity`): sled's page cache, patched
 /// to one LRU shard (`vendor/sled/PATCHES.md`, 3), evicts as it goes. Before that patch it
@@ -120,19 +136,62 @@ pub(crate) fn scan(
     let started = std::time::Instant::now();
     let mut report = ScanReport::default();
     let (msg, body) = (db.open_tree("msg")?, db.open_tree("body")?);
-    let mut batch = 0u64;
-    for item in msg.iter() {
-        let (key, raw) = item?;
-        report.records += 1;
-        scan_one(&mut index, &body, &key, &raw, now)?;
-        batch += (key.len() + raw.len()) as u64;
-        if batch >= SCAN_BATCH_BYTES {
-            progress(report.records);
-            batch = 0;
+    let ranges = match (msg.first()?, msg.last()?) {
+        (Some((first, _)), Some((last, _))) => key_ranges(&split_keys(&first, &last, SCAN_THREADS)),
+        _ => Vec::new(),
+    };
+    let stop = AtomicBool::new(false);
+    let (tx, rx) = mpsc::sync_channel::<Result<Chunk, SpoolError>>(2 * SCAN_THREADS);
+    let failed = std::thread::scope(|s| {
+        let mut failed = None;
+        for range in ranges {
+            let (tx, msg, body, stop) = (tx.clone(), &msg, &body, &stop);
+            let spawned = std::thread::Builder::new()
+                .name("spool-scan".into())
+                .spawn_scoped(s, move || read_range(msg, body, range, now, stop, &tx));
+            if let Err(e) = spawned {
+                // The readers already started stop at their next record; the loop below
+                // takes what they sent.
+                stop.store(true, Ordering::Relaxed);
+                failed = Some(SpoolError::Io(e));
+                break;
+            }
         }
-    }
-    if batch > 0 || report.records == 0 {
-        progress(report.records);
+        drop(tx);
+        let mut batch = 0u64;
+        let mut reported = None;
+        // Every chunk is taken, after a failure too, so no reader waits on a full channel.
+        for chunk in rx {
+            match chunk {
+                Ok(chunk) if failed.is_none() => {
+                    report.records += chunk.records;
+                    for found in chunk.found {
+                        match found {
+                            Found::Record { id, state, size } => index.insert(id, &state, size),
+                            Found::Unreadable(id, u) => index.insert_unreadable(id, u),
+                        }
+                    }
+                    batch += chunk.bytes;
+                    if batch >= SCAN_BATCH_BYTES {
+                        batch %= SCAN_BATCH_BYTES;
+                        progress(report.records);
+                        reported = Some(report.records);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    stop.store(true, Ordering::Relaxed);
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        if failed.is_none() && reported != Some(report.records) {
+            progress(report.records);
+        }
+        failed
+    });
+    if let Some(e) = failed {
+        return Err(e);
     }
     report.elapsed = started.elapsed();
     Ok((index, report))
@@ -145,23 +204,81 @@ pub(crate) struct ScanReport {
     pub elapsed: std::time::Duration,
 }
 
-fn scan_one(
-    index: &mut Index,
+/// One record as a reading thread found it.
+enum Found {
+    Record {
+        id: MessageId,
+        state: State,
+        size: u64,
+    },
+    Unreadable(MessageId, Unreadable),
+}
+
+/// Up to [`SCAN_CHUNK`] records read: what they hold, how many, and their bytes.
+#[derive(Default)]
+struct Chunk {
+    found: Vec<Found>,
+    records: u64,
+    bytes: u64,
+}
+
+type KeyRange = (Bound<Vec<u8>>, Bound<Vec<u8>>);
+
+/// Reads the records of `range` in chunks into `tx`, until the range ends, `stop` is set, or
+/// the receiver is gone. A failure is sent and ends the range.
+fn read_range(
+    msg: &Tree,
     body: &Tree,
-    key: &[u8],
-    raw: &[u8],
+    range: KeyRange,
     now: u64,
-) -> Result<(), SpoolError> {
+    stop: &AtomicBool,
+    tx: &mpsc::SyncSender<Result<Chunk, SpoolError>>,
+) {
+    let mut chunk = Chunk::default();
+    for item in msg.range(range) {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let read = item
+            .map_err(SpoolError::from)
+            .and_then(|(key, raw)| Ok((key.len() + raw.len(), read_one(body, &key, &raw, now)?)));
+        match read {
+            Ok((bytes, found)) => {
+                chunk.records += 1;
+                chunk.bytes += bytes as u64;
+                chunk.found.extend(found);
+                if chunk.records >= SCAN_CHUNK as u64
+                    && tx.send(Ok(std::mem::take(&mut chunk))).is_err()
+                {
+                    return;
+                }
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return;
+            }
+        }
+    }
+    if chunk.records > 0 {
+        let _ = tx.send(Ok(chunk));
+    }
+}
+
+fn read_one(body: &Tree, key: &[u8], raw: &[u8], now: u64) -> Result<Option<Found>, SpoolError> {
     let Some(id) = decode_msg_key(key) else {
         tracing::error!(key = ?key, "msg_key_unreadable");
-        return Ok(());
+        return Ok(None);
     };
-    match record::decode(id, raw) {
-        Ok(rec) => index.insert(id, &rec.state, rec.size),
+    Ok(Some(match record::decode(id, raw) {
+        Ok(rec) => Found::Record {
+            id,
+            state: rec.state,
+            size: rec.size,
+        },
         Err(e) => {
             tracing::error!(msg_id = %id, error = %e, "record_unreadable");
             let (size, chunks) = body_extent(body, id)?;
-            index.insert_unreadable(
+            Found::Unreadable(
                 id,
                 Unreadable {
                     size,
@@ -169,8 +286,82 @@ fn scan_one(
                     since_ms: now,
                     reason: e.0,
                 },
-            );
+            )
+        }
+    }))
+}
+
+/// Up to `parts - 1` keys that cut the keys from `first` to `last` into `parts` slices of about
+/// equal width, by their first 8 bytes read as a big-endian number (for UUIDv7 ids: the
+/// timestamp and a little more), strictly increasing and each above `first`. Pure.
+pub(crate) fn split_keys(first: &[u8], last: &[u8], parts: usize) -> Vec<[u8; 8]> {
+    fn prefix(key: &[u8]) -> u64 {
+        let mut p = [0u8; 8];
+        let n = key.len().min(8);
+        p[..n].copy_from_slice(&key[..n]);
+        u64::from_be_bytes(p)
+    }
+    let (lo, hi) = (prefix(first), prefix(last));
+    let mut cuts: Vec<[u8; 8]> = Vec::new();
+    if hi <= lo || parts < 2 {
+        return cuts;
+    }
+    let width = u128::from(hi - lo);
+    for i in 1..parts {
+        let at = u128::from(lo) + width * i as u128 / parts as u128;
+        let cut = u64::try_from(at).unwrap_or(u64::MAX);
+        if cut > lo && cuts.last().is_none_or(|c| u64::from_be_bytes(*c) < cut) {
+            cuts.push(cut.to_be_bytes());
         }
     }
-    Ok(())
+    cuts
+}
+
+/// The ranges between `cuts` (sorted): below the first, from each to the next, from the last
+/// on. Every key is in exactly one of them. Pure.
+pub(crate) fn key_ranges(cuts: &[[u8; 8]]) -> Vec<KeyRange> {
+    let mut from = Bound::Unbounded;
+    let mut ranges = Vec::with_capacity(cuts.len() + 1);
+    for cut in cuts {
+        ranges.push((from, Bound::Excluded(cut.to_vec())));
+        from = Bound::Included(cut.to_vec());
+    }
+    ranges.push((from, Bound::Unbounded));
+    ranges
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::ops::RangeBounds;
+
+    #[test]
+    fn one_key_or_a_single_part_is_one_range() {
+        assert!(split_keys(&[1; 16], &[1; 16], 4).is_empty());
+        assert!(split_keys(&[1; 16], &[9; 16], 1).is_empty());
+        assert_eq!(key_ranges(&[]).len(), 1);
+        let cuts = split_keys(&[0; 16], &[0xff; 16], 4);
+        assert_eq!(cuts.len(), 3);
+        assert_eq!(cuts[1], [0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
+    }
+
+    proptest! {
+        /// Every key, the first and the last included, lies in exactly one range.
+        #[test]
+        fn the_ranges_cover_every_key_once(
+            mut keys in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..20), 1..40),
+            parts in 1usize..8,
+        ) {
+            keys.sort();
+            let cuts = split_keys(&keys[0], &keys[keys.len() - 1], parts);
+            prop_assert!(cuts.len() < parts.max(1));
+            prop_assert!(cuts.windows(2).all(|w| w[0] < w[1]));
+            let ranges = key_ranges(&cuts);
+            for key in &keys {
+                let holding = ranges.iter().filter(|r| r.contains(key)).count();
+                prop_assert_eq!(holding, 1, "{:?} in {} ranges", key, holding);
+            }
+        }
+    }
 }
