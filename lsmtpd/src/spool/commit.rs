@@ -41,8 +41,8 @@ struct Queue {
     final_flush: bool,
     /// The thread waits on the condition variable and nobody has woken it yet. Writers notify
     /// only then: a notify is a `futex` system call even when nobody waits, and one per accepted
-    /// message was 0.9 of the daemon's ~10 `futex` calls per message (BENCHMARKS.md). No wakeup is lost:
-    /// the thread looks at the queue under the lock before it sets this and sleeps.
+    /// message was 0.9 of the daemon's ~10 `futex` calls per message (BENCHMARKS.md). No wakeup
+    /// is lost: the thread looks at the queue under the lock before it sets this and sleeps.
     sleeping: bool,
 }
 

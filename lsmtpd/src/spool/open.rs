@@ -351,7 +351,10 @@ mod tests {
         /// Every key, the first and the last included, lies in exactly one range.
         #[test]
         fn the_ranges_cover_every_key_once(
-            mut keys in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..20), 1..40),
+            mut keys in proptest::collection::vec(
+                proptest::collection::vec(any::<u8>(), 0..20),
+                1..40,
+            ),
             parts in 1usize..8,
         ) {
             keys.sort();
