@@ -34,7 +34,7 @@ impl MessageId {
         *self.0.as_bytes()
     }
 
-    pub fn from_bytes(bytes: [u8; 16]) -> Self {
+    pub const fn from_bytes(bytes: [u8; 16]) -> Self {
         MessageId(Uuid::from_bytes(bytes))
     }
 

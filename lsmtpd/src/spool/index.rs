@@ -5,19 +5,21 @@
 //! it mirrors (before any `await`), so a cancelled caller cannot leave it behind the disk.
 //!
 //! What it holds per message (held mail costs only counters):
-//! - `due`: (due_ms, id) → deferred? for every Queued/Deferred message that is neither leased nor
-//!   busy; the forwarder takes from the front.
-//! - `unheld`: the ids of every Queued/Deferred message, leased or not, so the oldest unheld
-//!   message is the first entry (exact, O(log n)); the store reads its `received_at_ms`.
+//! - `due` ([`DueQueue`], `due.rs`): (due_ms, id, deferred?) for every Queued/Deferred message
+//!   that is not leased, in (due_ms, id) order; the forwarder takes from the front (skipping
+//!   busy ids). Every unheld message is in `due` or `leased`, so the oldest unheld message is
+//!   the smaller of `due`'s smallest id (kept per chunk) and the smallest leased id; the store
+//!   reads its `received_at_ms`.
 //! - `leased` and `busy` (an accept or admin verb is writing it) sets of ids.
 //!
-//! About 45 bytes per queued message in all (two B-tree entries of 25 and 16 bytes plus node
-//! overhead): 1,000,000 queued messages cost about 45 MB of index.
+//! 32 bytes per queued message (`due.rs`), plus the leased ones and the hot set: 1,000,000
+//! queued messages cost about 32 MB of index.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 
 use bytes::Bytes;
 
+use super::due::DueQueue;
 use super::record::{HoldReason, Record, State};
 use super::{MessageId, SpoolStats};
 
@@ -42,8 +44,7 @@ pub(crate) struct Picked {
 
 #[derive(Debug, Default)]
 pub(crate) struct Index {
-    due: BTreeMap<(u64, MessageId), bool>,
-    unheld: BTreeSet<MessageId>,
+    due: DueQueue,
     leased: HashSet<MessageId>,
     busy: HashSet<MessageId>,
     unreadable: HashMap<MessageId, Unreadable>,
@@ -95,8 +96,7 @@ impl Index {
         self.add_counts(state, size);
         if let Some(due) = state.due_ms() {
             self.due
-                .insert((due, id), matches!(state, State::Deferred { .. }));
-            self.unheld.insert(id);
+                .insert(due, id, matches!(state, State::Deferred { .. }));
         }
     }
 
@@ -160,11 +160,8 @@ impl Index {
     /// Leases up to `max` unleased, not busy messages due at `now_ms`, earliest first.
     pub fn pick_due(&mut self, now_ms: u64, max: usize) -> Vec<Picked> {
         let mut keys = Vec::new();
-        for (&(due, id), _) in self
-            .due
-            .range(..=(now_ms, MessageId::from_bytes([0xff; 16])))
-        {
-            if keys.len() >= max {
+        for (due, id, _) in self.due.iter() {
+            if keys.len() >= max || due > now_ms {
                 break;
             }
             if !self.busy.contains(&id) {
@@ -173,7 +170,7 @@ impl Index {
         }
         let mut picked = Vec::with_capacity(keys.len());
         for key in keys {
-            let deferred = self.due.remove(&key).unwrap_or(false);
+            let deferred = self.due.remove(key.0, key.1).unwrap_or(false);
             self.leased.insert(key.1);
             let hot = self.drop_hot(key.1);
             picked.push(Picked {
@@ -189,9 +186,9 @@ impl Index {
     /// Earliest due time among leasable messages.
     pub fn next_due_ms(&self) -> Option<u64> {
         self.due
-            .keys()
-            .find(|(_, id)| !self.busy.contains(id))
-            .map(|&(due, _)| due)
+            .iter()
+            .find(|(_, id, _)| !self.busy.contains(id))
+            .map(|(due, _, _)| due)
     }
 
     /// A lease given back unchanged (the body, if still there, goes back to the hot set).
@@ -201,7 +198,8 @@ impl Index {
         }
         if let Some(due) = record.state.due_ms() {
             self.due.insert(
-                (due, record.id),
+                due,
+                record.id,
                 matches!(record.state, State::Deferred { .. }),
             );
         }
@@ -213,7 +211,7 @@ impl Index {
     /// A picked message given back before it became a lease (a read failed).
     pub fn unpick(&mut self, id: MessageId, due_ms: u64, deferred: bool) {
         if self.leased.remove(&id) {
-            self.due.insert((due_ms, id), deferred);
+            self.due.insert(due_ms, id, deferred);
         }
     }
 
@@ -221,7 +219,6 @@ impl Index {
     /// lease): forget the lease; the caller re-inserts what the disk says.
     pub fn forget(&mut self, id: MessageId, state: &State, size: u64) {
         self.leased.remove(&id);
-        self.unheld.remove(&id);
         self.sub_counts(state, size);
     }
 
@@ -238,10 +235,9 @@ impl Index {
         self.busy.remove(&id);
         self.drop_hot(id);
         if let Some(due) = old.due_ms() {
-            self.due.remove(&(due, id));
+            self.due.remove(due, id);
         }
         self.sub_counts(old, new.size);
-        self.unheld.remove(&id);
         self.insert(id, &new.state, new.size);
     }
 
@@ -250,9 +246,8 @@ impl Index {
         self.busy.remove(&id);
         self.drop_hot(id);
         if let Some(due) = old.due_ms() {
-            self.due.remove(&(due, id));
+            self.due.remove(due, id);
         }
-        self.unheld.remove(&id);
         if self.unreadable.remove(&id).is_none() {
             self.sub_counts(old, size);
         } else {
@@ -277,9 +272,14 @@ impl Index {
         self.insert_unreadable(id, u);
     }
 
-    /// The smallest id that is queued or deferred (leased or not).
+    /// The smallest id that is queued or deferred (leased or not): the due queue's (one look
+    /// per chunk of it) or a leased one's.
     pub fn oldest_unheld(&self) -> Option<MessageId> {
-        self.unheld.first().copied()
+        self.due
+            .min_id()
+            .into_iter()
+            .chain(self.leased.iter().copied())
+            .min()
     }
 
     pub fn bytes(&self) -> u64 {
@@ -299,6 +299,56 @@ impl Index {
             bytes: self.bytes,
             oldest_received_ms: None,
         }
+    }
+}
+
+/// The counters of an index saved at a clean shutdown (`index_file.rs`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct SavedCounts {
+    pub queued: u64,
+    pub deferred: u64,
+    pub held: u64,
+    pub bytes: u64,
+}
+
+impl Index {
+    /// What a clean shutdown saves: the counters and every leasable message as (due_ms, id,
+    /// deferred), in order. `None` when some of the index is not in those (a lease, a busy id,
+    /// an unreadable record): the next open scans instead.
+    pub fn saved(
+        &self,
+    ) -> Option<(
+        SavedCounts,
+        impl Iterator<Item = (u64, MessageId, bool)> + '_,
+    )> {
+        let leasable = self.queued.checked_add(self.deferred)?;
+        if !self.leased.is_empty()
+            || !self.busy.is_empty()
+            || !self.unreadable.is_empty()
+            || self.due.len() as u64 != leasable
+        {
+            return None;
+        }
+        let counts = SavedCounts {
+            queued: self.queued,
+            deferred: self.deferred,
+            held: self.held,
+            bytes: self.bytes,
+        };
+        Some((counts, self.due.iter()))
+    }
+
+    /// Puts back one entry [`Index::saved`] gave (the caller checks their order and count).
+    pub fn restore_entry(&mut self, due_ms: u64, id: MessageId, deferred: bool) {
+        self.due.insert(due_ms, id, deferred);
+    }
+
+    /// Puts back the counters [`Index::saved`] gave.
+    pub fn restore_counts(&mut self, counts: SavedCounts) {
+        self.queued = counts.queued;
+        self.deferred = counts.deferred;
+        self.held = counts.held;
+        self.bytes = counts.bytes;
     }
 }
 
