@@ -86,9 +86,11 @@
 //! `state.rs` the transition table; `record.rs`, `key.rs` encodings.
 
 mod commit;
+mod due;
 mod fsync;
 mod garbage;
 mod index;
+mod index_file;
 pub mod key;
 mod lease;
 mod open;

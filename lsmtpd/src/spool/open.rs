@@ -3,6 +3,7 @@
 //! index.
 
 use std::fs::File;
+use std::io::Write as _;
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,6 +12,7 @@ use std::sync::mpsc;
 use sled::Tree;
 
 use super::index::{Index, Unreadable};
+use super::index_file::Token;
 use super::key::decode_msg_key;
 use super::reader::body_extent;
 use super::record::{self, State};
@@ -82,22 +84,39 @@ fn lock_dir(dir: &Path) -> Result<File, SpoolError> {
     }
 }
 
-/// Whether the last run shut down cleanly; removes the marker durably either way, so that a
-/// crash of this run is noticed by the next open.
-pub(crate) fn take_clean_marker(dir: &Path) -> Result<bool, SpoolError> {
-    match std::fs::remove_file(dir.join(CLEAN_MARKER)) {
-        Ok(()) => {
-            super::fsync::fsync_dir(dir).map_err(SpoolError::from)?;
-            Ok(true)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(e.into()),
-    }
+/// Whether the last run shut down cleanly (`Some`, with the token of the index it saved, if
+/// any: `index_file.rs`); removes the marker durably either way, so that a crash of this run
+/// is noticed by the next open.
+pub(crate) fn take_clean_marker(dir: &Path) -> Result<Option<Option<Token>>, SpoolError> {
+    let path = dir.join(CLEAN_MARKER);
+    let text = match std::fs::read(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    std::fs::remove_file(&path)?;
+    super::fsync::fsync_dir(dir).map_err(SpoolError::from)?;
+    Ok(Some(marker_token(&text)))
 }
 
-/// Writes the clean-shutdown marker durably (after the last durable flush).
-pub(crate) fn write_clean_marker(dir: &Path) -> std::io::Result<()> {
-    File::create(dir.join(CLEAN_MARKER))?.sync_all()?;
+/// The token a marker names: `index <uuid>` on its first line. An empty marker (from a release
+/// before the saved index, or a shutdown that saved none) names none. Pure.
+pub(crate) fn marker_token(text: &[u8]) -> Option<Token> {
+    let text = std::str::from_utf8(text).ok()?;
+    let uuid = text.lines().next()?.strip_prefix("index ")?;
+    uuid::Uuid::parse_str(uuid.trim())
+        .ok()
+        .map(|u| *u.as_bytes())
+}
+
+/// Writes the clean-shutdown marker durably (after the last durable flush, and after the saved
+/// index it names, if any).
+pub(crate) fn write_clean_marker(dir: &Path, token: Option<&Token>) -> std::io::Result<()> {
+    let mut file = File::create(dir.join(CLEAN_MARKER))?;
+    if let Some(token) = token {
+        writeln!(file, "index {}", uuid::Uuid::from_bytes(*token))?;
+    }
+    file.sync_all()?;
     File::open(dir)?.sync_all()
 }
 
@@ -203,6 +222,9 @@ pub(crate) fn scan(
 pub(crate) struct ScanReport {
     pub records: u64,
     pub elapsed: std::time::Duration,
+    /// The index came from the file a clean shutdown saved (`index_file.rs`), not a scan:
+    /// `records` is its entry count.
+    pub saved: bool,
 }
 
 /// One record as a reading thread found it.
@@ -332,10 +354,33 @@ pub(crate) fn key_ranges(cuts: &[[u8; 8]]) -> Vec<KeyRange> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::ops::RangeBounds;
+
+    #[test]
+    fn a_marker_names_a_token_only_in_its_own_format() {
+        let token = [9u8; 16];
+        let dir = tempfile::tempdir().unwrap();
+        write_clean_marker(dir.path(), Some(&token)).unwrap();
+        assert_eq!(take_clean_marker(dir.path()).unwrap(), Some(Some(token)));
+        assert_eq!(take_clean_marker(dir.path()).unwrap(), None, "taken");
+        write_clean_marker(dir.path(), None).unwrap();
+        assert_eq!(take_clean_marker(dir.path()).unwrap(), Some(None));
+        assert_eq!(marker_token(b""), None);
+        assert_eq!(marker_token(b"index not-a-uuid\n"), None);
+        assert_eq!(marker_token(b"\xff\xfe"), None);
+        assert_eq!(
+            marker_token(b"token 09090909-0909-0909-0909-090909090909"),
+            None
+        );
+        assert_eq!(
+            marker_token(b"index 09090909-0909-0909-0909-090909090909\n"),
+            Some(token)
+        );
+    }
 
     #[test]
     fn one_key_or_a_single_part_is_one_range() {

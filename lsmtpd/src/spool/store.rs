@@ -23,8 +23,10 @@ use tokio::sync::Notify;
 use super::commit::GroupCommit;
 use super::fsync::Syncer;
 use super::index::{unreadable_state, Claimed, Index, Picked, Unreadable};
+use super::index_file::Taken;
 use super::key::{decode_msg_key, msg_key};
 use super::lease::Lease;
+use super::open::ScanReport;
 use super::reader::{self, body_extent, read_body, SpoolView};
 use super::record::{self, HoldReason, Record, State};
 use super::state::{admin_transition, forwarder_transition, AdminVerb, ForwarderOp, Outcome};
@@ -78,6 +80,9 @@ struct Inner {
     sweep: Mutex<Option<Sweep>>,
     /// No orphans can be left: the sweep finished, or none was needed.
     swept: Arc<AtomicBool>,
+    /// The index came from the file a clean shutdown saved, not from a scan (tests).
+    #[cfg_attr(not(test), allow(dead_code))]
+    index_saved: bool,
     _lock: File,
 }
 
@@ -93,7 +98,18 @@ impl Drop for Inner {
             .unwrap_or(false);
         let flushed = self.flusher.stop(healthy);
         if healthy && flushed && self.swept.load(Ordering::Acquire) {
-            if let Err(e) = super::open::write_clean_marker(&self.cfg.dir) {
+            // The index as it is now is the disk's: save it for the next open, named by the
+            // marker (`index_file.rs`). Without it the next open scans, as after a crash.
+            let index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+            let token = match super::index_file::save(&self.cfg.dir, &index) {
+                Ok(token) => token,
+                Err(e) => {
+                    tracing::warn!(error = %e, "spool_index_save_failed");
+                    None
+                }
+            };
+            drop(index);
+            if let Err(e) = super::open::write_clean_marker(&self.cfg.dir, token.as_ref()) {
                 tracing::warn!(error = %e, "spool_clean_marker_failed");
             }
         }
@@ -120,9 +136,28 @@ impl Spool {
         std::fs::create_dir_all(dir)?;
         let (lock, db) = super::open::lock_and_open(cfg)?;
         let sled_open = started.elapsed();
-        let clean = super::open::take_clean_marker(dir)?;
-        super::upgrade::v1_to_v2(&db)?;
-        let (index, scan) = super::open::scan(cfg, &db, progress)?;
+        let marker = super::open::take_clean_marker(dir)?;
+        let clean = marker.is_some();
+        let saved = super::index_file::take(dir, marker.flatten().as_ref(), cfg.handoff_bytes)?;
+        let upgraded = super::upgrade::v1_to_v2(&db)?;
+        let (index, scan) = match saved {
+            Taken::Restored(index, entries) if upgraded == 0 => {
+                let index = *index;
+                progress(entries);
+                let scan = ScanReport {
+                    records: entries,
+                    elapsed: started.elapsed().saturating_sub(sled_open),
+                    saved: true,
+                };
+                (index, scan)
+            }
+            saved => {
+                if let Taken::Ignored(why) = saved {
+                    tracing::warn!(reason = %why, "spool_index_file_ignored");
+                }
+                super::open::scan(cfg, &db, progress)?
+            }
+        };
         let msg = db.open_tree("msg")?;
         let body = db.open_tree("body")?;
         let stats = index.stats();
@@ -139,7 +174,8 @@ impl Spool {
             held = stats.held,
             bytes = stats.bytes,
             clean,
-            scanned = scan.records,
+            index = if scan.saved { "saved" } else { "scanned" },
+            scanned = if scan.saved { 0 } else { scan.records },
             scan_ms = scan.elapsed.as_millis() as u64,
             sled_open_ms = sled_open.as_millis() as u64,
             open_ms = started.elapsed().as_millis() as u64,
@@ -175,6 +211,7 @@ impl Spool {
                 flusher,
                 sweep: Mutex::new(sweep),
                 swept,
+                index_saved: scan.saved,
                 _lock: lock,
             }),
         })
@@ -813,6 +850,12 @@ impl Spool {
             .unwrap_or_else(|e| e.into_inner())
             .take();
         sweep.map(|s| s.join().unwrap_or(0)).unwrap_or(0)
+    }
+
+    /// Whether this open took the index a clean shutdown saved instead of scanning (tests).
+    #[cfg(test)]
+    pub(crate) fn index_was_saved(&self) -> bool {
+        self.inner.index_saved
     }
 
     /// Direct sled handles for tests that corrupt data on disk.

@@ -467,3 +467,62 @@ async fn an_open_scan_in_ranges_finds_every_message_once() {
     let expected: Vec<MessageId> = due.iter().map(|(_, id)| *id).collect();
     assert_eq!(leased, expected, "every unheld message once, in due order");
 }
+
+/// A clean stop saves the index and the next open takes it instead of scanning; a spool changed
+/// after that stop (here by a writer that knows nothing of the file: an older release, which
+/// leaves an empty marker) or a file without its marker (a crash between the two) is scanned,
+/// and the file is gone after every open.
+#[tokio::test]
+async fn a_saved_index_is_used_only_after_the_clean_stop_that_wrote_it() {
+    use super::super::index_file::INDEX_FILE;
+    let tmp = tempfile::tempdir().unwrap();
+    let c = cfg(tmp.path());
+    let first = message(body_of(10));
+    {
+        let spool = Spool::open(&c).unwrap();
+        spool.join_sweep();
+        spool.accept(first.clone()).await.unwrap();
+    }
+    let file = c.dir.join(INDEX_FILE);
+    assert!(file.exists(), "saved at the clean stop");
+    let marker = std::fs::read_to_string(c.dir.join(CLEAN_MARKER)).unwrap();
+    assert!(marker.starts_with("index "), "marker names it: {marker:?}");
+    {
+        let spool = Spool::open(&c).unwrap();
+        assert!(spool.index_was_saved());
+        assert!(!file.exists() && !c.dir.join(CLEAN_MARKER).exists());
+        assert_eq!(spool.stats().queued, 1);
+        assert_eq!(one(spool.lease_due(u64::MAX, 10).unwrap()).id(), first.id);
+    }
+    // The stop above saved again; keep that file, let another writer add a message and stop
+    // with an empty marker, then put the file back.
+    let kept = std::fs::read(&file).unwrap();
+    let second = message(body_of(20));
+    let encoded = record::encode(&record_of(&second, State::Queued { due_ms: 1 }));
+    crash_after(&c.dir, &accept_plan(second.id, &encoded, &second.body));
+    std::fs::write(&file, &kept).unwrap();
+    std::fs::File::create(c.dir.join(CLEAN_MARKER)).unwrap();
+    {
+        let spool = Spool::open(&c).unwrap();
+        assert!(!spool.index_was_saved(), "an empty marker names no file");
+        assert!(!file.exists());
+        assert_eq!(spool.stats().queued, 2);
+        let ids: Vec<_> = spool
+            .lease_due(u64::MAX, 10)
+            .unwrap()
+            .iter()
+            .map(|l| l.id())
+            .collect();
+        assert!(
+            ids.contains(&first.id) && ids.contains(&second.id),
+            "{ids:?}"
+        );
+    }
+    // A file whose marker is missing: the run that wrote it did not finish its stop.
+    assert!(file.exists());
+    std::fs::remove_file(c.dir.join(CLEAN_MARKER)).unwrap();
+    let spool = reopen_and_check(&c);
+    assert!(!spool.index_was_saved());
+    assert!(!file.exists());
+    assert_eq!(spool.stats().queued, 2);
+}
