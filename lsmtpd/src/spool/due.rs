@@ -14,6 +14,8 @@
 //! Pure: no I/O. No crate measured offered this at this size (`indexset` 0.18, a two-level
 //! B-tree too: 64 bytes per entry for this key, 96 with the set).
 
+use std::collections::VecDeque;
+
 use super::MessageId;
 
 /// Entries per chunk at most (16 KiB of entries).
@@ -34,7 +36,8 @@ impl Entry {
 
 #[derive(Debug, Clone)]
 struct Chunk {
-    entries: Vec<Entry>,
+    /// A ring, so that taking from the front (the forwarder leasing) moves nothing.
+    entries: VecDeque<Entry>,
     /// The smallest id in `entries` (meaningless while empty).
     min_id: MessageId,
 }
@@ -43,7 +46,7 @@ struct Chunk {
 const NO_ID: MessageId = MessageId::from_bytes([0; 16]);
 
 impl Chunk {
-    fn new(entries: Vec<Entry>) -> Chunk {
+    fn new(entries: VecDeque<Entry>) -> Chunk {
         let mut chunk = Chunk {
             entries,
             min_id: NO_ID,
@@ -57,7 +60,7 @@ impl Chunk {
     }
 
     fn first_key(&self) -> (u64, MessageId) {
-        self.entries.first().map_or((0, NO_ID), Entry::key)
+        self.entries.front().map_or((0, NO_ID), Entry::key)
     }
 
     fn find(&self, key: &(u64, MessageId)) -> Result<usize, usize> {
@@ -93,8 +96,8 @@ impl DueQueue {
         };
         let key = entry.key();
         if self.chunks.is_empty() {
-            let mut entries = Vec::with_capacity(CHUNK);
-            entries.push(entry);
+            let mut entries = VecDeque::with_capacity(CHUNK);
+            entries.push_back(entry);
             self.chunks.push(Chunk::new(entries));
             self.len = 1;
             return true;
@@ -117,8 +120,8 @@ impl DueQueue {
         }
         if at == CHUNK && last {
             // Past the end of a full last chunk: keys arriving in order; start a new chunk.
-            let mut entries = Vec::with_capacity(CHUNK);
-            entries.push(entry);
+            let mut entries = VecDeque::with_capacity(CHUNK);
+            entries.push_back(entry);
             self.chunks.push(Chunk::new(entries));
             return true;
         }
@@ -126,7 +129,7 @@ impl DueQueue {
         let right = chunk.entries.split_off(CHUNK / 2);
         let mut left = std::mem::take(&mut chunk.entries);
         let mut right = {
-            let mut v = Vec::with_capacity(CHUNK);
+            let mut v = VecDeque::with_capacity(CHUNK);
             v.extend(right);
             v
         };
@@ -149,7 +152,7 @@ impl DueQueue {
         let c = self.chunk_for(&key);
         let at = self.chunks[c].find(&key).ok()?;
         let chunk = &mut self.chunks[c];
-        let gone = chunk.entries.remove(at);
+        let gone = chunk.entries.remove(at)?;
         self.len -= 1;
         if chunk.entries.is_empty() {
             self.chunks.remove(c);
@@ -176,7 +179,7 @@ impl DueQueue {
         };
         let moved = self.chunks.remove(from);
         let target = &mut self.chunks[into];
-        target.entries.extend_from_slice(&moved.entries);
+        target.entries.extend(moved.entries);
         if target.entries.capacity() > CHUNK {
             target.entries.shrink_to(CHUNK);
         }

@@ -37,14 +37,21 @@
 //! unclean shutdown; a clean shutdown leaves a `clean-shutdown` marker file that the next open
 //! removes (`open.rs`).
 //!
-//! # In memory (`index.rs`), rebuilt at open by one scan of `msg` (in batches: `open.rs`)
-//! The due-time index ((due_ms, id) in a B-tree), the unheld messages in id order (so the
-//! oldest is exact and cheap), the leased and busy ids, the counters (never recomputed), and the
+//! # In memory (`index.rs`): saved at a clean stop, else rebuilt by one scan of `msg`
+//! The due-time index ((due_ms, id) in sorted chunks, 32 bytes per message: `due.rs`, which
+//! also keeps each chunk's smallest id, so the oldest unheld message is exact and cheap), the
+//! leased and busy ids, the counters (never recomputed), and the
 //! **hot set**: a just-accepted message's record and body, up to `spool.handoff_bytes`, handed to
 //! the forwarder by [`Spool::lease_due`] without reading it back. The spool is read back only
 //! after a restart, a defer, a hold, an unlease whose body was already taken, or when the hot
 //! set was full. [`Spool::complete`] needs no read and no decode: the lease carries the chunk
 //! count, state and size.
+//!
+//! A clean stop saves the index to `index-at-shutdown` and names it in the clean-shutdown
+//! marker (`index_file.rs`); the next open takes both before it writes anything and loads the
+//! file instead of scanning, only if the marker names it and it checks out. Otherwise (a crash,
+//! a lease or unreadable record at the stop, damage) the open scans `msg` with a few reader
+//! threads (`open.rs`).
 //!
 //! # fsync rule (`commit.rs`, `fsync.rs`)
 //! Every mutating call (`accept`, `defer`, `hold`, admin verbs, `flush`) does its writes on the
@@ -80,7 +87,8 @@
 //!
 //! # Files
 //! `store.rs` the [`Spool`] handle; `open.rs` lock, marker, scan; `upgrade.rs` v1 → v2;
-//! `index.rs` memory; `writes.rs` write plans; `commit.rs` group commit; `fsync.rs` the durable
+//! `index.rs` memory, `due.rs` its due queue, `index_file.rs` the index saved at a clean stop;
+//! `writes.rs` write plans; `commit.rs` group commit; `fsync.rs` the durable
 //! flush; `garbage.rs` hands sled's deferred frees to the collector after each flush;
 //! `sweep.rs` orphans; `lease.rs` [`Lease`]; `reader.rs` reads and [`SpoolReader`];
 //! `state.rs` the transition table; `record.rs`, `key.rs` encodings.
