@@ -101,8 +101,24 @@ impl Drop for Inner {
             // The index as it is now is the disk's: save it for the next open, named by the
             // marker (`index_file.rs`). Without it the next open scans, as after a crash.
             let index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+            let started = Instant::now();
             let token = match super::index_file::save(&self.cfg.dir, &index) {
-                Ok(token) => token,
+                Ok(Some(token)) => {
+                    let stats = index.stats();
+                    tracing::info!(
+                        entries = stats.queued + stats.deferred,
+                        ms = started.elapsed().as_millis() as u64,
+                        "spool_index_saved"
+                    );
+                    Some(token)
+                }
+                Ok(None) => {
+                    tracing::info!(
+                        reason = "a message in flight, being written or unreadable",
+                        "spool_index_not_saved"
+                    );
+                    None
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "spool_index_save_failed");
                     None
