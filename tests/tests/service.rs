@@ -144,6 +144,9 @@ fn a_long_index_rebuild_extends_the_start_timeout_until_ready() {
     let dir = tempfile::tempdir().unwrap();
     let seeded = 1_500;
     seed_large_records(&dir.path().join("spool"), seeded);
+    // As after a crash: without the clean-shutdown marker the saved index is not used, and the
+    // start rebuilds the index by reading every record.
+    std::fs::remove_file(dir.path().join("spool/clean-shutdown")).unwrap();
     let (notify, daemon) = start_notifying(dir.path());
     let mut extensions = Vec::new();
     loop {
@@ -176,6 +179,40 @@ fn a_long_index_rebuild_extends_the_start_timeout_until_ready() {
         "every seeded message is in the index"
     );
     assert_eq!(daemon.terminate().unwrap().code(), Some(0));
+}
+
+#[test]
+fn a_start_after_a_clean_stop_loads_the_saved_index_without_a_rebuild() {
+    let dir = tempfile::tempdir().unwrap();
+    let seeded = 1_500;
+    seed_large_records(&dir.path().join("spool"), seeded);
+    assert!(dir.path().join("spool/index-at-shutdown").exists());
+    let (notify, daemon) = start_notifying(dir.path());
+    let first = next_notification(&notify);
+    assert!(
+        first.starts_with("READY=1"),
+        "no rebuild, so no extension before READY=1; got {first:?}"
+    );
+    daemon
+        .wait_for_log(&format!("queued={seeded}"), Duration::from_secs(10))
+        .unwrap();
+    let log = daemon.log_text();
+    assert!(
+        log.contains("index=\"saved\""),
+        "the saved index was loaded:\n{log}"
+    );
+    assert!(
+        !dir.path().join("spool/index-at-shutdown").exists(),
+        "taken at the start"
+    );
+    let log = daemon.log_handle();
+    assert_eq!(daemon.terminate().unwrap().code(), Some(0));
+    let text = log.lock().map(|l| l.join("\n")).unwrap_or_default();
+    assert!(
+        text.contains(&format!("entries={seeded}")) && text.contains("spool_index_saved"),
+        "saved again at the stop:\n{text}"
+    );
+    assert!(dir.path().join("spool/index-at-shutdown").exists());
 }
 
 #[test]
