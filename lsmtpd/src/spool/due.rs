@@ -6,10 +6,11 @@
 //! `BTreeSet<MessageId>` for the oldest message 33 more: 83 MB for a million messages. Here the
 //! entries lie in sorted chunks of up to [`CHUNK`] (a two-level B-tree): 32 bytes per entry
 //! when chunks are full, which they are when keys arrive in order (a new message is due now, so
-//! it goes to the end, and the end chunk is never split but a new one started). Each chunk keeps
-//! its smallest id, so the oldest message (ids are UUIDv7: time-ordered) costs one look per
-//! chunk instead of a second tree. A chunk that falls under a quarter full is merged into a
-//! neighbour that has room; an empty one is freed.
+//! it goes to the end, and the end chunk is never split but a new one started). Chunks are
+//! rings, so taking from the front moves nothing. Each chunk remembers its smallest id (looked
+//! for again only when asked after that entry left), so the oldest message (ids are UUIDv7:
+//! time-ordered) costs one look per chunk instead of a second tree. A chunk that falls under a
+//! quarter full is merged into a neighbour that has room; an empty one is freed.
 //!
 //! Pure: no I/O. No crate measured offered this at this size (`indexset` 0.18, a two-level
 //! B-tree too: 64 bytes per entry for this key, 96 with the set).
@@ -38,8 +39,10 @@ impl Entry {
 struct Chunk {
     /// A ring, so that taking from the front (the forwarder leasing) moves nothing.
     entries: VecDeque<Entry>,
-    /// The smallest id in `entries` (meaningless while empty).
-    min_id: MessageId,
+    /// The smallest id in `entries`; `None` when it must be looked for again (its entry was
+    /// removed: the forwarder takes the oldest first, so looking at once would cost a pass over
+    /// the chunk for nearly every lease; [`DueQueue::min_id`] looks when asked).
+    min_id: Option<MessageId>,
 }
 
 /// Stands in for the id of an empty chunk (there is none for long: empty chunks are freed).
@@ -49,14 +52,17 @@ impl Chunk {
     fn new(entries: VecDeque<Entry>) -> Chunk {
         let mut chunk = Chunk {
             entries,
-            min_id: NO_ID,
+            min_id: None,
         };
-        chunk.renew_min();
+        chunk.min_id();
         chunk
     }
 
-    fn renew_min(&mut self) {
-        self.min_id = self.entries.iter().map(|e| e.id).min().unwrap_or(NO_ID);
+    fn min_id(&mut self) -> Option<MessageId> {
+        if self.min_id.is_none() {
+            self.min_id = self.entries.iter().map(|e| e.id).min();
+        }
+        self.min_id
     }
 
     fn first_key(&self) -> (u64, MessageId) {
@@ -115,7 +121,7 @@ impl DueQueue {
         let chunk = &mut self.chunks[c];
         if chunk.entries.len() < CHUNK {
             chunk.entries.insert(at, entry);
-            chunk.min_id = chunk.min_id.min(id);
+            chunk.min_id = chunk.min_id.map(|m| m.min(id));
             return true;
         }
         if at == CHUNK && last {
@@ -158,8 +164,8 @@ impl DueQueue {
             self.chunks.remove(c);
             return Some(gone.deferred);
         }
-        if gone.id == chunk.min_id {
-            chunk.renew_min();
+        if chunk.min_id == Some(gone.id) {
+            chunk.min_id = None;
         }
         if chunk.entries.len() < CHUNK / 4 {
             self.merge_small(c);
@@ -183,7 +189,10 @@ impl DueQueue {
         if target.entries.capacity() > CHUNK {
             target.entries.shrink_to(CHUNK);
         }
-        target.min_id = target.min_id.min(moved.min_id);
+        target.min_id = match (target.min_id, moved.min_id) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            _ => None,
+        };
     }
 
     /// Every entry as (due_ms, id, deferred), in order.
@@ -193,9 +202,10 @@ impl DueQueue {
             .flat_map(|c| c.entries.iter().map(|e| (e.due_ms, e.id, e.deferred)))
     }
 
-    /// The smallest id of all entries (one look per chunk).
-    pub fn min_id(&self) -> Option<MessageId> {
-        self.chunks.iter().map(|c| c.min_id).min()
+    /// The smallest id of all entries: one look per chunk, and a pass over a chunk whose
+    /// smallest id was removed since it was last asked.
+    pub fn min_id(&mut self) -> Option<MessageId> {
+        self.chunks.iter_mut().filter_map(Chunk::min_id).min()
     }
 
     /// Checks the invariants (tests): chunks non-empty, at most [`CHUNK`], sorted within and
@@ -206,7 +216,9 @@ impl DueQueue {
         let mut len = 0;
         for c in &self.chunks {
             assert!(!c.entries.is_empty() && c.entries.len() <= CHUNK);
-            assert_eq!(Some(c.min_id), c.entries.iter().map(|e| e.id).min());
+            if let Some(m) = c.min_id {
+                assert_eq!(Some(m), c.entries.iter().map(|e| e.id).min());
+            }
             for e in &c.entries {
                 assert!(last.is_none_or(|l| l < e.key()));
                 last = Some(e.key());

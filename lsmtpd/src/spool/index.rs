@@ -274,7 +274,7 @@ impl Index {
 
     /// The smallest id that is queued or deferred (leased or not): the due queue's (one look
     /// per chunk of it) or a leased one's.
-    pub fn oldest_unheld(&self) -> Option<MessageId> {
+    pub fn oldest_unheld(&mut self) -> Option<MessageId> {
         self.due
             .min_id()
             .into_iter()

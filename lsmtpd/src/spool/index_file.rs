@@ -298,11 +298,11 @@ mod tests {
             cut in any::<prop::sample::Index>(),
         ) {
             let msgs: Vec<(u64, u8, bool)> = msgs.into_iter().map(|(n, (d, f))| (d, n, f)).collect();
-            let ix = index_of(&msgs, held);
+            let mut ix = index_of(&msgs, held);
             let token = [7u8; 16];
             let bytes = encoded(&ix, &token);
             prop_assert_eq!(bytes.len(), 8 + 16 + 40 + 25 * msgs.len() + 4);
-            let (back, n) = decode(&bytes[..], &token, 0).unwrap();
+            let (mut back, n) = decode(&bytes[..], &token, 0).unwrap();
             prop_assert_eq!(n, msgs.len() as u64);
             prop_assert_eq!(entries(&back), entries(&ix));
             prop_assert_eq!(back.stats(), ix.stats());
